@@ -1,0 +1,154 @@
+"""The optimizer of the paper, assembled from optax parts.
+
+SGD with momentum and masked weight decay; a learning-rate schedule with an
+optional linear warm-up; gradient clipping by global norm whose threshold
+follows a per-epoch schedule (the paper's "adaptive clipping"), or unit-wise
+adaptive gradient clipping (Brock et al. 2021). Schedules are functions of the
+update count, starting at 0 for the first update.
+"""
+
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+LR_SCHEDULES = ('constant', 'linear', 'exponential', 'step', 'cyclic', 'cosine')
+CLIP_MODES = ('none', 'constant', 'log', 'agc')
+
+
+class Optimizer(NamedTuple):
+  tx: optax.GradientTransformation
+  learning_rate: optax.Schedule
+  # None when no global-norm clipping is configured.
+  clip_threshold: optax.Schedule | None
+
+
+def _one_of(what, value, allowed):
+  if value not in allowed:
+    raise ValueError(f'{what}={value!r} is not one of: {", ".join(allowed)}')
+
+
+def _positive(what, value):
+  if not value > 0:
+    raise ValueError(f'{what}={value!r} must be > 0')
+
+
+def cyclic_triangular_schedule(min_lr: float, max_lr: float,
+                               half_cycle_steps: int) -> optax.Schedule:
+  """Smith (2015): LR climbs linearly min -> max over half a cycle, then back."""
+  def schedule(count):
+    x = jnp.abs(jnp.mod(count / half_cycle_steps, 2.0) - 1.0)
+    return min_lr + (max_lr - min_lr) * (1.0 - x)
+  return schedule
+
+
+def learning_rate_schedule(cfg, steps_per_epoch: int,
+                           total_steps: int) -> optax.Schedule:
+  """The LR at each update count, from config.lr_schedule.
+
+  Epoch numbers (step_epochs) count from the start of training, warm-up
+  included; the decaying schedules span the steps after the warm-up.
+  """
+  _one_of('lr_schedule.name', cfg.name, LR_SCHEDULES)
+  _positive('lr_schedule.base_lr', cfg.base_lr)
+  if cfg.warmup_epochs < 0:
+    raise ValueError(f'lr_schedule.warmup_epochs={cfg.warmup_epochs!r} must be >= 0')
+  warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+  if warmup_steps >= total_steps:
+    raise ValueError(f'lr_schedule.warmup_epochs={cfg.warmup_epochs!r} leaves no '
+                     f'steps after the warm-up ({total_steps} steps in all)')
+  decay_steps = total_steps - warmup_steps
+  base = cfg.base_lr
+
+  if cfg.name == 'constant':
+    main = optax.constant_schedule(base)
+  elif cfg.name == 'linear':
+    main = optax.linear_schedule(base, cfg.end_lr, decay_steps)
+  elif cfg.name == 'cosine':
+    main = optax.cosine_decay_schedule(base, decay_steps, alpha=cfg.end_lr / base)
+  elif cfg.name == 'exponential':
+    main = optax.exponential_decay(base, steps_per_epoch, cfg.decay_rate,
+                                   staircase=True)
+  elif cfg.name == 'step':
+    main = optax.piecewise_constant_schedule(
+        base, {int(e * steps_per_epoch) - warmup_steps: cfg.step_factor
+               for e in cfg.step_epochs})
+  else:  # cyclic
+    if not 0 <= cfg.min_lr < base:
+      raise ValueError(f'lr_schedule.min_lr={cfg.min_lr!r} must lie in [0, base_lr)')
+    _positive('lr_schedule.cycle_epochs', cfg.cycle_epochs)
+    main = cyclic_triangular_schedule(
+        cfg.min_lr, base, max(1, int(round(cfg.cycle_epochs * steps_per_epoch))))
+
+  if warmup_steps == 0:
+    return main
+  warmup = optax.linear_schedule(cfg.warmup_init_lr, base, warmup_steps)
+  return optax.join_schedules([warmup, main], [warmup_steps])
+
+
+def clip_threshold_schedule(cfg, steps_per_epoch: int,
+                            num_epochs: int) -> optax.Schedule | None:
+  """The global-norm clipping threshold per update count, constant per epoch.
+
+  'log' moves the threshold log-linearly from `threshold` in the first epoch to
+  `final_threshold` in the last, so it can rise or fall (the paper says both).
+  """
+  _one_of('grad_clip.mode', cfg.mode, CLIP_MODES)
+  if cfg.mode in ('none', 'agc'):
+    return None
+  _positive('grad_clip.threshold', cfg.threshold)
+  if cfg.mode == 'constant' or num_epochs < 2:
+    return optax.constant_schedule(cfg.threshold)
+  _positive('grad_clip.final_threshold', cfg.final_threshold)
+  rate = (cfg.final_threshold / cfg.threshold) ** (1.0 / (num_epochs - 1))
+  return optax.exponential_decay(cfg.threshold, steps_per_epoch, rate,
+                                 staircase=True, end_value=cfg.final_threshold)
+
+
+def _clipping(cfg, clip_threshold):
+  if clip_threshold is not None:
+    # A schedule passed straight to clip_by_global_norm fails; inject_hyperparams
+    # evaluates it at the update count and keeps the value in the state.
+    return optax.inject_hyperparams(optax.clip_by_global_norm)(max_norm=clip_threshold)
+  if cfg.mode == 'agc':
+    _positive('grad_clip.agc_clipping', cfg.agc_clipping)
+    agc = optax.adaptive_grad_clip(cfg.agc_clipping, eps=cfg.agc_eps)
+    # Brock et al. 2021 leave the classifier unclipped.
+    return optax.masked(agc, lambda params: {k: jax.tree.map(lambda _: k != 'head', v)
+                                             for k, v in params.items()})
+  return optax.identity()
+
+
+def momentum_sgd(learning_rate: optax.Schedule, momentum: float,
+                 nesterov: bool, correction: bool) -> optax.GradientTransformation:
+  """SGD with momentum, with or without momentum correction.
+
+  Goyal et al. (2017, sec. 2.1): when the buffer holds LR-scaled updates,
+  v <- m v + lr_t g, a change of LR must rescale v by lr_t / lr_{t-1}. Keeping
+  the buffer free of the LR (PyTorch's and optax.sgd's form) is exactly that
+  corrected update; correction=False gives the uncorrected form, whose step
+  size follows an LR change only gradually.
+  """
+  trace = optax.trace(decay=momentum, nesterov=nesterov)
+  scale = optax.scale_by_learning_rate(learning_rate)
+  return optax.chain(trace, scale) if correction else optax.chain(scale, trace)
+
+
+def create_optimizer(config, steps_per_epoch: int, total_steps: int,
+                     weight_decay_mask: Callable) -> Optimizer:
+  """The full chain: clip raw gradients, add weight decay, momentum SGD."""
+  num_epochs = -(-total_steps // steps_per_epoch)
+  lr = learning_rate_schedule(config.lr_schedule, steps_per_epoch, total_steps)
+  clip = clip_threshold_schedule(config.grad_clip, steps_per_epoch, num_epochs)
+  opt = config.optimizer
+  if not 0 <= opt.momentum < 1:
+    raise ValueError(f'optimizer.momentum={opt.momentum!r} must lie in [0, 1)')
+  if opt.weight_decay < 0:
+    raise ValueError(f'optimizer.weight_decay={opt.weight_decay!r} must be >= 0')
+  tx = optax.chain(
+      _clipping(config.grad_clip, clip),
+      optax.add_decayed_weights(opt.weight_decay, mask=weight_decay_mask),
+      momentum_sgd(lr, opt.momentum, opt.nesterov, opt.momentum_correction),
+  )
+  return Optimizer(tx, lr, clip)

@@ -1,0 +1,75 @@
+"""Shared defaults for every bnfree_jax recipe.
+
+Recipes import this file, call get_config() and change a few fields. Every key
+below is read by the trainer; an override of a key that is not here is an
+error (the config is locked).
+"""
+
+import ml_collections
+
+
+def get_config():
+  c = ml_collections.ConfigDict()
+
+  # Data: see bnfree_jax/input_pipeline.py for the allowed datasets.
+  c.dataset = 'imagenet2012'
+  c.data_dir = ''           # '' -> the tfds default (~/tensorflow_datasets).
+  c.image_size = -1         # -1 -> the dataset's own (224 for imagenet2012).
+  c.batch_size = 256        # Global, over all devices of all processes.
+  c.eval_batch_size = -1    # -1 -> batch_size.
+  c.shuffle_buffer = 16_384
+  c.synthetic = ml_collections.ConfigDict(dict(
+      image_size=32, channels=3, num_classes=10, num_train=1024, num_eval=256))
+
+  # Length: num_train_steps wins over num_epochs when > 0.
+  c.num_epochs = 90
+  c.num_train_steps = -1
+
+  c.model = ml_collections.ConfigDict(dict(
+      name='resnet18',      # resnet18|34|50|101|152
+      norm='batch',         # batch | weight | none
+      width=64,
+      dropout_rate=0.0,
+      stem='imagenet',      # imagenet | small
+      wn_data_init=False,   # Salimans & Kingma data-dependent init of WNConv.
+  ))
+
+  c.optimizer = ml_collections.ConfigDict(dict(
+      momentum=0.9,
+      nesterov=False,
+      weight_decay=1e-4,         # Spares g, biases and BN scale/bias.
+      momentum_correction=True,  # Goyal et al. 2017, sec. 2.1.
+  ))
+
+  c.lr_schedule = ml_collections.ConfigDict(dict(
+      name='linear',        # constant|linear|exponential|step|cyclic|cosine
+      base_lr=0.1,          # Peak LR, reached after the warm-up.
+      warmup_epochs=0.0,    # Linear warm-up from warmup_init_lr to base_lr.
+      warmup_init_lr=0.0,
+      end_lr=0.0,           # linear, cosine: value at the last step.
+      decay_rate=0.94,      # exponential: factor per epoch.
+      step_epochs=(30, 60, 80),  # step: epochs at which the LR is multiplied
+      step_factor=0.1,           #       by step_factor.
+      min_lr=1e-4,          # cyclic: triangle between min_lr and base_lr,
+      cycle_epochs=4.0,     #         half a cycle lasting cycle_epochs.
+  ))
+
+  c.grad_clip = ml_collections.ConfigDict(dict(
+      mode='none',          # none | constant | log | agc
+      threshold=5.0,        # constant: the threshold; log: the first epoch's.
+      final_threshold=1.0,  # log: the last epoch's threshold.
+      agc_clipping=0.01,    # agc: unit-wise ratio |g|/|w| (Brock et al. 2021).
+      agc_eps=1e-3,
+  ))
+
+  c.seed = 0
+  c.log_every_steps = 100
+  c.histogram_every_steps = 500  # Gradient-magnitude histograms (paper Fig. 3).
+  c.checkpoint_every_steps = 1000
+  c.keep_checkpoints = 3
+  c.eval_every_steps = -1        # -1 -> once per epoch.
+  c.eval_only = False
+  c.on_nonfinite = 'stop'        # stop | skip
+  c.remat = False                # jax.checkpoint around each residual block.
+  c.compute_dtype = 'float32'    # float32 | bfloat16 (params stay float32).
+  return c

@@ -1,0 +1,28 @@
+"""Shared test setup: 4 simulated CPU devices, and config loading by path."""
+
+import importlib.util
+import os
+import pathlib
+
+# Before JAX starts its backend: every test sees 4 CPU devices, so sharded code
+# paths run for real; single-device runs use a sub-mesh.
+os.environ.setdefault('JAX_NUM_CPU_DEVICES', '4')
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_config(relpath: str, arg: str | None = None):
+  """get_config() of a file under configs/, as the CLI would load it."""
+  path = REPO / 'configs' / relpath
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg) if arg is not None else module.get_config()
+
+
+@pytest.fixture
+def default_config():
+  return load_config('default.py')

@@ -1,0 +1,166 @@
+"""Schedules, clipping, weight decay and momentum correction against reference numbers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bnfree_jax import optim
+
+SPE = 10  # steps per epoch
+
+
+def lr_at(default_config, total_steps=100, **kw):
+  cfg = default_config.lr_schedule
+  cfg.update(kw)
+  fn = optim.learning_rate_schedule(cfg, SPE, total_steps)
+  return lambda step: float(fn(step))
+
+
+@pytest.mark.parametrize('name,checks', [
+    ('constant', {0: 0.4, 57: 0.4, 99: 0.4}),
+    ('linear', {0: 0.4, 50: 0.2, 100: 0.0}),
+    ('cosine', {0: 0.4, 50: 0.2, 100: 0.0}),
+    # Per-epoch staircase: the whole first epoch at base, then x0.5 per epoch.
+    ('exponential', {0: 0.4, 9: 0.4, 10: 0.2, 25: 0.1}),
+    ('step', {0: 0.4, 29: 0.4, 30: 0.04, 59: 0.04, 60: 0.004, 80: 0.0004}),
+    # Triangle min_lr=0.1 -> 0.4 over 2 epochs (20 steps), back down over the next 20.
+    ('cyclic', {0: 0.1, 10: 0.25, 20: 0.4, 30: 0.25, 40: 0.1, 60: 0.4}),
+])
+def test_schedule_values_at_boundaries(default_config, name, checks):
+  lr = lr_at(default_config, name=name, base_lr=0.4, end_lr=0.0, decay_rate=0.5,
+             step_epochs=(3, 6, 8), step_factor=0.1, min_lr=0.1, cycle_epochs=2)
+  for step, want in checks.items():
+    assert lr(step) == pytest.approx(want, rel=1e-5, abs=1e-7), (name, step)
+
+
+@pytest.mark.parametrize('name', optim.LR_SCHEDULES)
+def test_warmup_then_schedule(default_config, name):
+  lr = lr_at(default_config, name=name, base_lr=0.4, warmup_epochs=2,
+             warmup_init_lr=0.04, min_lr=0.1, step_epochs=(5,), decay_rate=0.5)
+  assert lr(0) == pytest.approx(0.04)
+  assert lr(10) == pytest.approx(0.22)       # half-way through the warm-up
+  peak = 0.1 if name == 'cyclic' else 0.4    # cyclic restarts at its minimum
+  assert lr(20) == pytest.approx(peak)
+
+
+def test_linear_after_warmup_reaches_end_at_last_step(default_config):
+  lr = lr_at(default_config, name='linear', base_lr=0.5, end_lr=0.01, warmup_epochs=2)
+  assert lr(20) == pytest.approx(0.5)
+  assert lr(60) == pytest.approx(0.255)
+  assert lr(100) == pytest.approx(0.01)
+
+
+def test_step_boundaries_count_from_start_despite_warmup(default_config):
+  lr = lr_at(default_config, name='step', base_lr=1.0, warmup_epochs=1,
+             step_epochs=(3,), step_factor=0.1)
+  assert lr(29) == pytest.approx(1.0) and lr(30) == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize('first,last', [(5.0, 1.0), (5.0, 20.0)])
+def test_log_clip_threshold_moves_per_epoch(default_config, first, last):
+  cfg = default_config.grad_clip
+  cfg.update(mode='log', threshold=first, final_threshold=last)
+  fn = optim.clip_threshold_schedule(cfg, SPE, num_epochs=5)
+  at = lambda step: float(fn(step))
+  ratio = (last / first) ** 0.25
+  assert at(0) == pytest.approx(first) and at(9) == pytest.approx(first)
+  assert at(10) == pytest.approx(first * ratio, rel=1e-5)
+  assert at(20) == pytest.approx(np.sqrt(first * last), rel=1e-5)
+  assert at(40) == pytest.approx(last, rel=1e-5) and at(49) == pytest.approx(last, rel=1e-5)
+
+
+def make_tx(config, **grad_clip):
+  config.grad_clip.update(grad_clip)
+  config.lr_schedule.update(name='constant', base_lr=1.0)
+  config.optimizer.update(momentum=0.0, weight_decay=0.0)
+  return optim.create_optimizer(config, SPE, 50, weight_decay_mask=None)
+
+
+@pytest.mark.parametrize('scale', [10.0, 0.01])
+def test_clipping_to_scheduled_threshold(default_config, scale):
+  opt = make_tx(default_config, mode='log', threshold=5.0, final_threshold=1.0)
+  params = {'a': jnp.ones((3, 4)), 'b': jnp.ones((5,))}
+  grads = jax.tree.map(lambda p: scale * jnp.arange(p.size, dtype=jnp.float32).reshape(p.shape), params)
+  state = opt.tx.init(params)
+  # Advance to epoch 2 so the threshold is no longer the first one.
+  for _ in range(2 * SPE):
+    _, state = opt.tx.update(jax.tree.map(jnp.zeros_like, grads), state, params)
+  updates, state = opt.tx.update(grads, state, params)
+  norm_in, norm_out = optax.tree.norm(grads), optax.tree.norm(updates)
+  threshold = float(opt.clip_threshold(2 * SPE))
+  assert threshold == pytest.approx(5.0 * 0.2 ** 0.5, rel=1e-5)
+  assert float(state[0].hyperparams['max_norm']) == pytest.approx(threshold)
+  assert (norm_in > threshold) == (scale > 1)
+  if norm_in > threshold:
+    assert float(norm_out) == pytest.approx(threshold, rel=1e-5)
+  else:
+    jax.tree.map(lambda u, g: np.testing.assert_allclose(u, -g, rtol=1e-6), updates, grads)
+
+
+def test_agc_clips_unitwise_and_spares_the_classifier(default_config):
+  opt = make_tx(default_config, mode='agc', agc_clipping=0.01)
+  params = {'conv': {'v': jnp.ones((3, 3, 2, 4))}, 'head': {'kernel': jnp.ones((4, 10))}}
+  grads = jax.tree.map(lambda p: 100.0 * p, params)
+  updates, _ = opt.tx.update(grads, opt.tx.init(params), params)
+  # Each output unit of the conv (a 3x3x2 slice) is scaled to 0.01 of its weight norm.
+  unit_norms = jnp.sqrt(jnp.sum(updates['conv']['v'] ** 2, axis=(0, 1, 2)))
+  np.testing.assert_allclose(unit_norms, 0.01 * np.sqrt(18), rtol=1e-5)
+  np.testing.assert_allclose(updates['head']['kernel'], -grads['head']['kernel'])
+
+
+def test_weight_decay_follows_mask(default_config):
+  default_config.lr_schedule.update(name='constant', base_lr=1.0)
+  default_config.optimizer.update(momentum=0.0, weight_decay=0.1)
+  params = {'v': jnp.full((2,), 3.0), 'g': jnp.full((2,), 3.0), 'bias': jnp.full((2,), 3.0)}
+  mask = {'v': True, 'g': False, 'bias': False}
+  opt = optim.create_optimizer(default_config, SPE, 50, weight_decay_mask=mask)
+  zero = jax.tree.map(jnp.zeros_like, params)
+  updates, _ = opt.tx.update(zero, opt.tx.init(params), params)
+  np.testing.assert_allclose(updates['v'], -0.3)
+  np.testing.assert_allclose(updates['g'], 0.0)
+  np.testing.assert_allclose(updates['bias'], 0.0)
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+@pytest.mark.parametrize('correction', [True, False])
+def test_momentum_correction_matches_goyal(nesterov, correction):
+  m, lrs = 0.9, [0.1, 0.1, 0.4, 0.4, 0.05, 0.05]
+  lr_fn = lambda count: jnp.asarray(lrs)[count]
+  grads = [np.random.RandomState(i).randn(3).astype(np.float32) for i in range(len(lrs))]
+  tx = optim.momentum_sgd(lr_fn, m, nesterov, correction)
+  state, got = tx.init(jnp.zeros(3)), []
+  for g in grads:
+    upd, state = tx.update(jnp.asarray(g), state)
+    got.append(np.asarray(upd))
+  # Goyal et al. eq. (10) with the buffer holding LR-scaled updates, and the
+  # momentum correction lr_t/lr_{t-1} applied to it or not.
+  v, want, prev = np.zeros(3), [], lrs[0]
+  for lr, g in zip(lrs, grads):
+    v = m * (lr / prev if correction else 1.0) * v + lr * g
+    want.append(-(m * v + lr * g) if nesterov else -v)
+    prev = lr
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  if correction:  # The corrected form is optax's own SGD.
+    ref = optax.sgd(lr_fn, m, nesterov)
+    state = ref.init(jnp.zeros(3))
+    for g, w in zip(grads, got):
+      upd, state = ref.update(jnp.asarray(g), state)
+      np.testing.assert_allclose(upd, w, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize('section,change,message', [
+    ('lr_schedule', {'name': 'bogus'}, "lr_schedule.name='bogus' is not one of: constant, linear"),
+    ('lr_schedule', {'base_lr': 0.0}, 'lr_schedule.base_lr=0.0 must be > 0'),
+    ('lr_schedule', {'base_lr': -0.1}, 'lr_schedule.base_lr=-0.1 must be > 0'),
+    ('lr_schedule', {'warmup_epochs': 5.0}, 'leaves no steps after the warm-up'),
+    ('grad_clip', {'mode': 'clipit'}, "grad_clip.mode='clipit' is not one of: none, constant, log, agc"),
+    ('grad_clip', {'mode': 'constant', 'threshold': 0.0}, 'grad_clip.threshold=0.0 must be > 0'),
+    ('grad_clip', {'mode': 'log', 'final_threshold': -1.0}, 'grad_clip.final_threshold=-1.0 must be > 0'),
+    ('optimizer', {'momentum': 1.0}, 'optimizer.momentum=1.0 must lie in [0, 1)'),
+])
+def test_bad_values_raise_naming_them(default_config, section, change, message):
+  default_config[section].update(change)
+  with pytest.raises(ValueError, match=message.replace('[', r'\[').replace('(', r'\(').replace(')', r'\)')):
+    optim.create_optimizer(default_config, SPE, 50, weight_decay_mask=None)
