@@ -1,0 +1,111 @@
+"""Weight-normalized convolution (Salimans & Kingma 2016) and its data-dependent init."""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# torchvision's kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
+HE_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
+
+# Keeps 1/sigma finite for a channel that is constant on the init batch.
+_DDI_EPS = 1e-6
+
+
+def _channel_norm(v: jax.Array) -> jax.Array:
+  """||v|| per output channel of an HWIO kernel."""
+  return jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1, 2)))
+
+
+class WNConv(nn.Module):
+  """2-D convolution whose kernel is g * v / ||v||, the norm per output channel.
+
+  g starts at ||v||, as in PyTorch's weight_norm, so the initial kernel is v
+  itself (flax's nn.WeightNorm would start every filter at unit norm instead).
+  """
+
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] = (1, 1)
+  padding: str | Sequence[tuple[int, int]] = 'SAME'
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = HE_INIT
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    v = self.param('v', self.kernel_init,
+                   (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    g = self.param('g', lambda _: _channel_norm(v))
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    return self.conv(x, v * (g / _channel_norm(v)), bias)
+
+  @nn.nowrap
+  def conv(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = lax.conv_general_dilated(
+        x, kernel, window_strides=tuple(self.strides), padding=self.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y if bias is None else y + bias
+
+
+def data_dependent_init(model: nn.Module, variables: Any, batch: jax.Array,
+                        **apply_kwargs) -> Any:
+  """Re-initialises every WNConv's g and bias from one batch (Salimans & Kingma, sec. 3).
+
+  Layers are visited in forward order and each sees the output of the already
+  re-initialised layers above it, so every WNConv output starts with zero mean
+  and unit std per channel on `batch`. Runs in eval mode (train=False unless
+  given) so that dropout and batch statistics stay out of it. Returns new
+  variables; `variables` is left untouched. Works inside jax.jit too.
+  """
+  apply_kwargs.setdefault('train', False)
+  if getattr(model, 'remat', False):
+    # Values recorded inside a jax.checkpoint trace could not leave it.
+    model = model.clone(remat=False)
+
+  def run(variables, batch):
+    updates = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+      module = context.module
+      if not isinstance(module, WNConv) or context.method_name != '__call__':
+        return next_fun(*args, **kwargs)
+      v = module.get_variable('params', 'v')
+      t = module.conv(args[0], v / _channel_norm(v), None).astype(jnp.float32)
+      mean = jnp.mean(t, axis=(0, 1, 2))
+      inv_std = lax.rsqrt(jnp.var(t, axis=(0, 1, 2)) + _DDI_EPS)
+      path = tuple(module.scope.path)
+      updates[path + ('g',)] = inv_std
+      if module.use_bias:
+        updates[path + ('bias',)] = -mean * inv_std
+        t = t - mean
+      return (t * inv_std).astype(module.dtype or t.dtype)
+
+    with nn.intercept_methods(interceptor):
+      model.apply(variables, batch, **apply_kwargs)
+    return updates
+
+  updates = jax.jit(run)(variables, batch)
+  if not updates:
+    raise ValueError(f'{type(model).__name__} has no WNConv layer to initialise.')
+
+  params = flax.traverse_util.flatten_dict(flax.core.unfreeze(variables['params']))
+  for key, value in updates.items():
+    params[key] = value.astype(params[key].dtype)
+  new_variables = dict(flax.core.unfreeze(variables))
+  new_variables['params'] = flax.traverse_util.unflatten_dict(params)
+  return new_variables
+
+
+def weight_decay_mask(params: Any) -> Any:
+  """True for conv and dense kernels (`kernel`, `v`); False for gains, biases and BN affines."""
+  return flax.traverse_util.path_aware_map(
+      lambda path, _: path[-1] in ('kernel', 'v'), flax.core.unfreeze(params))

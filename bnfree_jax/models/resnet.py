@@ -1,0 +1,160 @@
+"""ResNet family (torchvision v1.5 layout) with batch-, weight- or no normalization.
+
+norm='batch' is torchvision's ResNet exactly; norm='weight' is the paper's
+modified block (Fig. 1b): every conv weight-normalized with a bias, no BN.
+"""
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from bnfree_jax.models.layers import HE_INIT, WNConv
+
+NORMS = ('batch', 'weight', 'none')
+STEMS = ('imagenet', 'small')
+
+
+def _pad(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
+  # Symmetric torch-style padding; 'SAME' would pad (0, 1) on strided even inputs.
+  return ((kernel // 2, kernel // 2),) * 2
+
+
+class _Block(nn.Module):
+  features: int
+  strides: int = 1
+  norm: str = 'batch'
+  dropout_rate: float = 0.0
+  dtype: Any = jnp.float32
+
+  def conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Module:
+    return _conv(self.norm, self.dtype, features, kernel, strides, name)
+
+  def normalize(self, y: jax.Array, name: str, train: bool) -> jax.Array:
+    return _batch_norm(self.norm, self.dtype, name, train)(y)
+
+  def shortcut(self, x: jax.Array, out_features: int, train: bool) -> jax.Array:
+    if x.shape[-1] == out_features and self.strides == 1:
+      return x
+    x = self.conv(out_features, 1, self.strides, 'proj_conv')(x)
+    return self.normalize(x, 'proj_norm', train)
+
+  def drop(self, y: jax.Array, train: bool) -> jax.Array:
+    return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+
+
+class BasicBlock(_Block):
+  """Two 3x3 convs (ResNet-18/34)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = self.conv(self.features, 3, self.strides, 'conv1')(x)
+    y = self.drop(nn.relu(self.normalize(y, 'norm1', train)), train)
+    y = self.conv(self.features, 3, 1, 'conv2')(y)
+    y = self.normalize(y, 'norm2', train)
+    return nn.relu(y + self.shortcut(x, self.features, train))
+
+
+class BottleneckBlock(_Block):
+  """1x1 reduce, 3x3 (strided: v1.5), 1x1 expand by 4 (ResNet-50/101/152)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    y = self.conv(self.features, 1, 1, 'conv1')(x)
+    y = self.drop(nn.relu(self.normalize(y, 'norm1', train)), train)
+    y = self.conv(self.features, 3, self.strides, 'conv2')(y)
+    y = self.drop(nn.relu(self.normalize(y, 'norm2', train)), train)
+    y = self.conv(self.features * 4, 1, 1, 'conv3')(y)
+    y = self.normalize(y, 'norm3', train)
+    return nn.relu(y + self.shortcut(x, self.features * 4, train))
+
+
+def _conv(norm: str, dtype: Any, features: int, kernel: int, strides: int,
+          name: str) -> nn.Module:
+  kwargs = dict(features=features, kernel_size=(kernel, kernel), strides=(strides, strides),
+                padding=_pad(kernel), kernel_init=HE_INIT, dtype=dtype, name=name)
+  if norm == 'weight':
+    return WNConv(**kwargs)
+  # Under BN a conv bias is redundant (torchvision has none).
+  return nn.Conv(use_bias=norm == 'none', **kwargs)
+
+
+def _batch_norm(norm: str, dtype: Any, name: str, train: bool):
+  if norm != 'batch':
+    return lambda y: y
+  # torchvision's momentum 0.1 weighs the new batch; flax's weighs the running mean.
+  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                      dtype=dtype, name=name)
+
+
+class ResNet(nn.Module):
+  """ResNet on NHWC input; returns float32 logits.
+
+  Apply with train=True and rngs={'dropout': key}; with norm='batch' also
+  mutable=['batch_stats'].
+  """
+
+  stage_sizes: Sequence[int]
+  block_cls: type[_Block]
+  num_classes: int = 1000
+  norm: str = 'batch'
+  dropout_rate: float = 0.0
+  width: int = 64
+  stem: str = 'imagenet'
+  remat: bool = False
+  dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    if self.norm not in NORMS:
+      raise ValueError(f'norm={self.norm!r} is not one of: {", ".join(NORMS)}')
+    if self.stem not in STEMS:
+      raise ValueError(f'stem={self.stem!r} is not one of: {", ".join(STEMS)}')
+    if not (isinstance(self.width, int) and self.width > 0):
+      raise ValueError(f'width={self.width!r} must be a positive integer')
+    if not 0 <= self.dropout_rate < 1:
+      raise ValueError(f'dropout_rate={self.dropout_rate!r} must be in [0, 1)')
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    kernel, strides = (7, 2) if self.stem == 'imagenet' else (3, 1)
+    x = _conv(self.norm, self.dtype, self.width, kernel, strides, 'stem_conv')(x)
+    x = nn.relu(_batch_norm(self.norm, self.dtype, 'stem_norm', train)(x))
+    if self.stem == 'imagenet':
+      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+
+    # self counts as argument 0, so `train` is 2; the name keeps the param tree
+    # identical with and without remat.
+    block_cls = nn.remat(self.block_cls, static_argnums=(2,)) if self.remat else self.block_cls
+    for i, size in enumerate(self.stage_sizes):
+      for j in range(size):
+        x = block_cls(features=self.width * 2**i, strides=2 if i > 0 and j == 0 else 1,
+                      norm=self.norm, dropout_rate=self.dropout_rate, dtype=self.dtype,
+                      name=f'stage{i + 1}_block{j}')(x, train)
+
+    x = jnp.mean(x, axis=(1, 2))
+    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    # torchvision's nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head',
+                 kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'))(x)
+    return x.astype(jnp.float32)
+
+
+ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
+ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
+ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
+ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=BottleneckBlock)
+ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=BottleneckBlock)
+
+MODELS = {'resnet18': ResNet18, 'resnet34': ResNet34, 'resnet50': ResNet50,
+          'resnet101': ResNet101, 'resnet152': ResNet152}
+
+
+def create_model(name: str, **kwargs) -> ResNet:
+  """MODELS[name.lower()](**kwargs)."""
+  if name.lower() not in MODELS:
+    raise ValueError(f'model {name!r} is not one of: {", ".join(MODELS)}')
+  return MODELS[name.lower()](**kwargs)

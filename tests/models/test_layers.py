@@ -1,0 +1,127 @@
+import functools
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bnfree_jax.models import ResNet18, WNConv, data_dependent_init
+
+
+RNG = np.random.default_rng(0)
+# Threefry's compile would dominate these tests on CPU.
+KEY = jax.random.key(0, impl='unsafe_rbg')
+
+
+def _normal(*shape):
+  return jnp.asarray(RNG.normal(size=shape), jnp.float32)
+
+
+def _explicit_conv(x, kernel, bias, strides, padding):
+  return jax.lax.conv_general_dilated(
+      x, kernel, strides, padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC')) + bias
+
+
+@pytest.mark.parametrize('strides,padding', [((1, 1), 'SAME'), ((2, 2), ((1, 1), (1, 1)))])
+def test_wnconv_equals_conv_with_normalized_kernel(strides, padding):
+  v, bias, x = _normal(3, 3, 4, 5), _normal(5), _normal(2, 8, 8, 4)
+  g = jnp.asarray(RNG.uniform(0.5, 2.0, size=5), jnp.float32)
+  conv = WNConv(5, (3, 3), strides=strides, padding=padding)
+  y = conv.apply({'params': {'v': v, 'g': g, 'bias': bias}}, x)
+
+  v64 = np.asarray(v, np.float64)
+  kernel = np.asarray(g)[None, None, None] * v64 / np.sqrt((v64**2).sum(axis=(0, 1, 2)))
+  expected = _explicit_conv(x, jnp.asarray(kernel, jnp.float32), bias, strides, padding)
+  assert y.shape == expected.shape == (2, 8 // strides[0], 8 // strides[1], 5)
+  np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5)
+
+  dense = nn.Conv(5, (3, 3), strides=strides, padding=padding)
+  np.testing.assert_allclose(
+      y, dense.apply({'params': {'kernel': kernel, 'bias': bias}}, x), rtol=1e-5, atol=1e-5)
+
+
+def test_wnconv_invariant_to_scale_of_v():
+  x = _normal(2, 6, 6, 3)
+  conv = WNConv(4, (3, 3))
+  params = conv.init(KEY, x)['params']
+  params = {**params, 'g': params['g'] * 0.3, 'bias': params['bias'] + 0.5}
+  scaled = {**params, 'v': params['v'] * 3.7}
+  np.testing.assert_allclose(conv.apply({'params': params}, x),
+                             conv.apply({'params': scaled}, x), rtol=1e-5, atol=1e-5)
+
+
+def test_wnconv_initial_kernel_is_v():
+  x = _normal(2, 6, 6, 3)
+  conv = WNConv(4, (3, 3), padding=((1, 1), (1, 1)))
+  params = conv.init(KEY, x)['params']
+  assert set(params) == {'v', 'g', 'bias'}
+  assert params['v'].shape == (3, 3, 3, 4) and params['g'].shape == params['bias'].shape == (4,)
+  np.testing.assert_allclose(params['g'], np.linalg.norm(
+      np.asarray(params['v']).reshape(-1, 4), axis=0), rtol=1e-6)
+  np.testing.assert_array_equal(params['bias'], 0)
+  np.testing.assert_allclose(conv.apply({'params': params}, x),
+                             _explicit_conv(x, params['v'], 0.0, (1, 1), ((1, 1), (1, 1))),
+                             rtol=1e-5, atol=1e-5)
+  # He fan_out init as torchvision: std sqrt(2 / (3 * 3 * 4)).
+  big = WNConv(256, (3, 3)).init(KEY, jnp.zeros((1, 4, 4, 64)))['params']['v']
+  assert float(jnp.std(big)) == pytest.approx(np.sqrt(2 / (9 * 256)), rel=0.01)
+
+
+def test_wnconv_bfloat16_compute_keeps_float32_params():
+  x = _normal(2, 6, 6, 3)
+  conv = WNConv(4, (3, 3), dtype=jnp.bfloat16)
+  params = conv.init(KEY, x)['params']
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  y = conv.apply({'params': params}, x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(y.astype(jnp.float32), WNConv(4, (3, 3)).apply({'params': params}, x),
+                             rtol=0.05, atol=0.05)
+
+
+def _wnconv_outputs(model, variables, x):
+  _, state = model.apply(variables, x, train=False, capture_intermediates=(
+      lambda mdl, name: isinstance(mdl, WNConv) and name == '__call__'),
+      mutable=['intermediates'])
+  flat = flax.traverse_util.flatten_dict(state['intermediates'])
+  return {path[:-1]: out[0] for path, out in flat.items()}
+
+
+def test_data_dependent_init_standardizes_every_wnconv():
+  model = ResNet18(num_classes=10, norm='weight', width=8, stem='small', dropout_rate=0.1)
+  x = _normal(8, 16, 16, 3) * 3.0 + 1.0
+  variables = jax.jit(functools.partial(model.init, train=False))(KEY, x)
+  before = jax.tree.map(np.array, variables)
+
+  new = data_dependent_init(model, variables, x)
+
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, variables))
+  assert jax.tree.structure(new) == jax.tree.structure(variables)
+  old = flax.traverse_util.flatten_dict(variables['params'])
+  updated = flax.traverse_util.flatten_dict(new['params'])
+  outputs = _wnconv_outputs(model, new, x)
+  assert len(outputs) == 1 + 2 * 8 + 3  # stem, two per block, three projections
+  for path, y in outputs.items():
+    mean, std = np.mean(y, axis=(0, 1, 2)), np.std(y, axis=(0, 1, 2))
+    np.testing.assert_allclose(mean, 0, atol=1e-3, err_msg=str(path))
+    np.testing.assert_allclose(std, 1, atol=1e-3, err_msg=str(path))
+    np.testing.assert_array_equal(updated[path + ('v',)], old[path + ('v',)])
+  assert {k for k in updated if not np.array_equal(updated[k], old[k])} == {
+      path + (name,) for path in outputs for name in ('g', 'bias')}
+  # Without the re-init, deep layers are far from standardized.
+  stds = [np.std(y) for y in _wnconv_outputs(model, variables, x).values()]
+  assert max(abs(s - 1) for s in stds) > 0.3
+
+  # Under an outer jit (as the trainer calls it) and with remat, which the init pass
+  # turns off, the result is the same.
+  remat_new = jax.jit(lambda v: data_dependent_init(model.clone(remat=True), v, x))(variables)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new, remat_new)
+
+
+def test_data_dependent_init_needs_a_wnconv():
+  model = ResNet18(num_classes=10, norm='batch', width=8, stem='small')
+  x = jnp.zeros((2, 16, 16, 3))
+  variables = jax.eval_shape(lambda: model.init(KEY, x, train=False))
+  with pytest.raises(ValueError, match='ResNet has no WNConv'):
+    jax.eval_shape(lambda v: data_dependent_init(model, v, x), variables)

@@ -1,0 +1,225 @@
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bnfree_jax.models import (MODELS, NORMS, BottleneckBlock, ResNet, ResNet18, ResNet50,
+                               create_model, weight_decay_mask)
+
+# Random-number code dominates XLA's CPU compile of these tiny nets: unsafe_rbg keys
+# compile ~4x faster than threefry, and each model's init is compiled once for all tests.
+KEY = functools.partial(jax.random.key, impl='unsafe_rbg')
+TINY = dict(num_classes=10, width=8, stem='small', dropout_rate=0.1)
+X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
+LABELS = jnp.array([0, 3])
+
+
+def _abstract_variables(model, x, train=False):
+  return jax.eval_shape(functools.partial(model.init, train=train), KEY(0), x)
+
+
+def _tiny(name, norm, **kwargs):
+  return MODELS[name](norm=norm, **{**TINY, **kwargs})
+
+
+@functools.cache
+def _variables(name, norm):
+  """Initial variables of the TINY model; dropout_rate and remat do not change them."""
+  return jax.jit(functools.partial(_tiny(name, norm).init, train=False))(KEY(0), X)
+
+
+def _step(model):
+  """Train-mode loss, logits and grads and eval-mode logits, under two dropout keys.
+
+  vmap over the keys keeps one copy of each pass in the program.
+  """
+
+  def run(variables, key):
+    params = variables['params']
+    state = {k: v for k, v in variables.items() if k != 'params'}
+    keys = jax.random.split(key)
+
+    def loss_fn(p, rng):
+      logits, _ = model.apply({'params': p, **state}, X, train=True, rngs={'dropout': rng},
+                              mutable=['batch_stats'])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, LABELS).mean(), logits
+
+    (loss, train), grads = jax.vmap(jax.value_and_grad(loss_fn, has_aux=True),
+                                    in_axes=(None, 0))(params, keys)
+    eval_ = jax.vmap(lambda rng: model.apply(variables, X, train=False, rngs={'dropout': rng}))(
+        keys)
+    return dict(loss=loss, grads=grads, train=train, eval=eval_)
+
+  return run
+
+
+@pytest.mark.parametrize('name,expected', [('resnet18', 11_689_512), ('resnet50', 25_557_032)])
+def test_parameter_count_matches_torchvision(name, expected):
+  variables = _abstract_variables(create_model(name, norm='batch'), jnp.zeros((1, 224, 224, 3)))
+  assert sum(p.size for p in jax.tree.leaves(variables['params'])) == expected
+  assert set(variables) == {'params', 'batch_stats'}
+
+
+@pytest.mark.parametrize('norm', NORMS)
+def test_module_names_and_feature_map_shapes(norm):
+  model = ResNet18(norm=norm, width=8)
+  x = jnp.zeros((1, 224, 224, 3))
+  params = _abstract_variables(model, x)['params']
+  blocks = {f'stage{i}_block{j}' for i in range(1, 5) for j in range(2)}
+  bn = norm == 'batch'
+  assert set(params) == blocks | {'stem_conv', 'head'} | ({'stem_norm'} if bn else set())
+  conv_params = {'batch': {'kernel'}, 'weight': {'v', 'g', 'bias'}, 'none': {'kernel', 'bias'}}
+  block = params['stage2_block0']
+  expected = {'conv1', 'conv2', 'proj_conv'} | ({'norm1', 'norm2', 'proj_norm'} if bn else set())
+  assert set(block) == expected
+  assert set(block['conv1']) == conv_params[norm]
+  assert 'proj_conv' not in params['stage1_block0'] and 'proj_conv' not in params['stage2_block1']
+
+  _, state = jax.eval_shape(lambda: model.apply(
+      model.init(KEY(0), x, train=False), x, train=False, capture_intermediates=True,
+      mutable=['intermediates']))
+  shapes = {k: v['__call__'][0].shape for k, v in state['intermediates'].items() if k in blocks}
+  assert shapes['stage1_block1'] == (1, 56, 56, 8)
+  assert shapes['stage2_block0'] == (1, 28, 28, 16)
+  assert shapes['stage4_block1'] == (1, 7, 7, 64)
+
+
+def test_bottleneck_uses_stride_on_3x3_and_expands_by_4():
+  params = _abstract_variables(ResNet50(norm='batch', width=8), jnp.zeros((1, 64, 64, 3)))['params']
+  block = params['stage2_block0']
+  assert block['conv1']['kernel'].shape == (1, 1, 32, 16)
+  assert block['conv2']['kernel'].shape == (3, 3, 16, 16)
+  assert block['conv3']['kernel'].shape == (1, 1, 16, 64)
+  assert block['proj_conv']['kernel'].shape == (1, 1, 32, 64)
+  assert params['stage1_block0']['proj_conv']['kernel'].shape == (1, 1, 8, 32)
+
+
+def _check_step(out, params):
+  """Shapes and dtypes; every output has a leading axis over the two dropout keys."""
+  for key in ('train', 'eval'):
+    assert out[key].shape == (2, 2, 10) and out[key].dtype == jnp.float32
+  assert out['loss'].shape == (2,)
+  assert jax.tree.structure(out['grads']) == jax.tree.structure(params)
+  for g, p in zip(jax.tree.leaves(out['grads']), jax.tree.leaves(params)):
+    assert g.shape == (2, *p.shape) and g.dtype == jnp.float32
+
+
+# Compiled and run: ResNet-18 under every norm (bottleneck blocks run in the remat test).
+# The deeper nets only repeat the same blocks, and compiling them would cost minutes of
+# CPU, so they are traced (shapes and dtypes); ResNet-101/152, the slowest to trace,
+# under the paper's norm only.
+REAL = [('resnet18', norm) for norm in NORMS]
+TRACED = ([(name, norm) for name in ('resnet34', 'resnet50') for norm in NORMS]
+          + [('resnet101', 'weight'), ('resnet152', 'weight')])
+
+
+@pytest.mark.parametrize('name,norm', REAL)
+def test_forward_backward(name, norm):
+  variables = _variables(name, norm)
+  out = jax.jit(_step(_tiny(name, norm)))(variables, KEY(1))
+  _check_step(out, variables['params'])
+  assert np.all(np.isfinite(out['loss'])) and np.all(out['loss'] > 0)
+  for key in ('train', 'eval'):
+    assert np.all(np.isfinite(out[key])), key
+  grads = jax.tree.leaves(out['grads'])
+  assert all(np.all(np.isfinite(g)) for g in grads)
+  assert sum(float(jnp.sum(g**2)) for g in grads) > 0
+  # Eval ignores the dropout key; train mode drops different units under each key.
+  np.testing.assert_array_equal(out['eval'][0], out['eval'][1])
+  assert not np.allclose(out['train'][0], out['eval'][0], atol=1e-4)
+  assert not np.allclose(out['train'][0], out['train'][1], atol=1e-4)
+
+
+@pytest.mark.parametrize('name,norm', TRACED)
+def test_forward_backward_traced(name, norm):
+  model = _tiny(name, norm)
+  variables = _abstract_variables(model, X)
+  _check_step(jax.eval_shape(_step(model), variables, KEY(1)), variables['params'])
+
+
+def test_without_dropout_train_equals_eval():
+  model = _tiny('resnet18', 'weight', dropout_rate=0.0)
+  run = jax.jit(lambda v: (model.apply(v, X, train=True), model.apply(v, X, train=False)))
+  train, eval_ = run(_variables('resnet18', 'weight'))
+  np.testing.assert_allclose(train, eval_, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('norm', ['batch', 'weight'])
+def test_remat_changes_nothing_but_memory(norm):
+  # With dropout (and BN's mutable state) flowing through the checkpoint; two bottleneck
+  # blocks, one projecting, keep the compile short.
+  model = ResNet(stage_sizes=(1, 1), block_cls=BottleneckBlock, norm=norm, **TINY)
+  remat = model.clone(remat=True)
+  assert (jax.tree.structure(_abstract_variables(model, X, train=True))
+          == jax.tree.structure(_abstract_variables(remat, X, train=True)))
+
+  @jax.jit
+  def run(variables, key):
+
+    def loss(m, params):
+      logits, updates = m.apply({**variables, 'params': params}, X, train=True,
+                                rngs={'dropout': key}, mutable=['batch_stats'])
+      return optax.softmax_cross_entropy_with_integer_labels(logits, LABELS).mean(), updates
+
+    return [jax.value_and_grad(functools.partial(loss, m), has_aux=True)(variables['params'])
+            for m in (model, remat)]
+
+  plain, rematted = run(jax.jit(functools.partial(model.init, train=False))(KEY(0), X), KEY(1))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               plain, rematted)
+  (loss, updates), grads = plain
+  assert np.isfinite(loss) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  assert bool(jax.tree.leaves(updates)) == (norm == 'batch')  # running statistics updated
+
+
+@pytest.mark.parametrize('norm', NORMS)
+def test_weight_decay_mask_selects_kernels(norm):
+  params = _abstract_variables(ResNet18(**TINY, norm=norm), jnp.zeros((1, 16, 16, 3)))['params']
+  mask = weight_decay_mask(params)
+  assert jax.tree.structure(mask) == jax.tree.structure(params)
+  flat = flax.traverse_util.flatten_dict(mask)
+  shapes = flax.traverse_util.flatten_dict(params)
+  for path, decay in flat.items():
+    # Kernels are the only multi-dimensional params; g, biases and BN scale/bias are vectors.
+    assert decay == (shapes[path].ndim > 1), path
+  assert sum(flat.values()) == 1 + 16 + 3 + 1  # stem, block convs, projections, head
+  assert flat[('head', 'kernel')] and not flat[('head', 'bias')]
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model = ResNet18(**TINY, norm='weight', dtype=jnp.bfloat16)
+  x = jnp.zeros((2, 16, 16, 3))
+  variables = _abstract_variables(model, x)
+  assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
+  logits = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+  assert logits.dtype == jnp.float32 and logits.shape == (2, 10)
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    ({'norm': 'foo'}, "norm='foo' is not one of: batch, weight, none"),
+    ({'stem': 'cifar'}, "stem='cifar' is not one of: imagenet, small"),
+    ({'width': 0}, 'width=0 must be a positive integer'),
+    ({'width': -8}, 'width=-8 must be a positive integer'),
+    ({'dropout_rate': 1.0}, r'dropout_rate=1.0 must be in \[0, 1\)'),
+    ({'dropout_rate': -0.1}, r'dropout_rate=-0.1 must be in \[0, 1\)'),
+])
+def test_bad_arguments_raise(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    ResNet18(**kwargs)
+  with pytest.raises(ValueError, match=message):
+    create_model('resnet50', **kwargs)
+
+
+def test_create_model_by_name():
+  for name in ('resnet18', 'ResNet18', 'RESNET18'):
+    model = create_model(name, num_classes=5)
+    assert isinstance(model, ResNet) and model.stage_sizes == (2, 2, 2, 2)
+  assert create_model('ResNet152').stage_sizes == (3, 8, 36, 3)
+  assert create_model('resnet101').block_cls is BottleneckBlock
+  assert set(MODELS) == {'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'}
+  with pytest.raises(ValueError, match="'resnet19' is not one of: resnet18, resnet34, resnet50"):
+    create_model('resnet19')
