@@ -3,15 +3,25 @@
 import importlib.util
 import os
 import pathlib
+import tempfile
 
 # Before JAX starts its backend: every test sees 4 CPU devices, so sharded code
 # paths run for real; single-device runs use a sub-mesh.
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '4')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Tests compile the same small programs again and again (a resumed run, a
+# rerun): a session-wide persistent cache pays for each compilation once.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='bnfree_jax_xla_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Recipes import their parents as `from configs import ...`, as when the CLI
+# runs from the repository root.
+sys.path.insert(0, str(REPO))
 
 
 def load_config(relpath: str, arg: str | None = None):

@@ -1,0 +1,100 @@
+"""Command line: python -m bnfree_jax.main --config CONFIG.py --workdir DIR [--config.key=value ...]
+
+Exit codes: 0 done; 2 bad input (config, data, workdir), reported in one line
+before anything is compiled; 3 the loss or gradient became non-finite;
+75 preempted by SIGTERM/SIGINT after saving a checkpoint (rerun to resume).
+"""
+
+import logging
+import os
+import sys
+
+# TF serves input only: silence its start-up chatter.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Config file (CONFIG.py or CONFIG.py:arg).',
+                                lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and config.json.')
+flags.DEFINE_string('coordinator_address', None,
+                    'HOST:PORT of process 0, for training over several processes.')
+flags.DEFINE_integer('num_processes', None, 'Number of processes in a multi-process run.')
+flags.DEFINE_integer('process_id', None, 'Index of this process in a multi-process run.')
+
+
+def _launched_by_cluster():
+  """Whether a launcher whose environment jax.distributed.initialize() reads
+  itself (SLURM, Open MPI, or JAX's own variables) started several processes."""
+  return (int(os.environ.get('SLURM_NTASKS', 1)) > 1
+          or int(os.environ.get('OMPI_COMM_WORLD_SIZE', 1)) > 1
+          or 'JAX_COORDINATOR_ADDRESS' in os.environ)
+
+
+def _fail(code, message):
+  print(f'error: {message}', file=sys.stderr)
+  return code
+
+
+def _initialize_distributed():
+  import jax
+  # CPU processes talk through gloo; GPUs use NCCL regardless of this setting.
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if any(v is not None for v in explicit):
+    if any(v is None for v in explicit):
+      raise ValueError('--coordinator_address, --num_processes and --process_id '
+                       'go together: give all three or none')
+    jax.distributed.initialize(*explicit)
+  elif _launched_by_cluster():
+    jax.distributed.initialize()
+
+
+def run(argv=None) -> int:
+  argv = sys.argv if argv is None else argv
+  try:
+    FLAGS(argv)
+    if FLAGS['config'].present == 0 or FLAGS.workdir is None:
+      return _fail(EXIT_BAD_INPUT, '--config and --workdir are both required')
+    FLAGS.config.keys()  # config_flags defers a failure to load the file to here.
+  except (AttributeError, KeyError) as e:  # A locked config refuses new keys.
+    key = str(e).strip('"\'')
+    return _fail(EXIT_BAD_INPUT, f"unknown config key '{key}' in the --config.* "
+                 'overrides (configs/default.py lists the keys)')
+  except (flags.Error, ValueError, OSError, SyntaxError) as e:
+    # The last line of a failed config load names the file and the cause.
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return _fail(EXIT_BAD_INPUT, lines[-1] if lines else type(e).__name__)
+  logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s',
+                      datefmt='%H:%M:%S', force=True)
+  # Keep the console to our progress lines: orbax logs every save in detail.
+  for chatty in ('jax', 'absl'):
+    logging.getLogger(chatty).setLevel(logging.WARNING)
+
+  from bnfree_jax import train  # Imports JAX and TF: after the flags are fine.
+  try:
+    _initialize_distributed()
+    # Every check that needs no compilation, so a typo costs seconds.
+    train.setup(FLAGS.config)
+    train.prepare_workdir(FLAGS.config, FLAGS.workdir)
+  except ValueError as e:
+    return _fail(EXIT_BAD_INPUT, str(e))
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except train.InputError as e:
+    return _fail(EXIT_BAD_INPUT, str(e))
+  except train.NonFiniteError as e:
+    return _fail(EXIT_NONFINITE, str(e))
+  except train.Preempted as e:
+    logging.info('%s', e)
+    return EXIT_PREEMPTED
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(run())

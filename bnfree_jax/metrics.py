@@ -1,0 +1,76 @@
+"""What the trainer measures: CLU metric collections for train and eval, and
+gradient summaries (per-layer norms, per-stage magnitude samples; paper Fig. 3).
+"""
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from clu import metrics
+
+
+def _correct_topk(logits, labels, k):
+  topk = jax.lax.top_k(logits, k)[1]
+  return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
+
+
+def per_example(logits, labels):
+  """Cross-entropy, top-1 and top-5 correctness for each example."""
+  logits = logits.astype(jnp.float32)
+  k = min(5, logits.shape[-1])
+  return dict(
+      loss=optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+      top1=_correct_topk(logits, labels, 1),
+      top5=_correct_topk(logits, labels, k),
+  )
+
+
+@flax.struct.dataclass
+class TrainMetrics(metrics.Collection):
+  loss: metrics.Average.from_output('loss')
+  top1: metrics.Average.from_output('top1')
+  top5: metrics.Average.from_output('top5')
+  grad_norm: metrics.Average.from_output('grad_norm')
+  clipped_fraction: metrics.Average.from_output('clipped')
+  learning_rate: metrics.LastValue.from_output('learning_rate')
+  clip_threshold: metrics.LastValue.from_output('clip_threshold')
+  param_norm: metrics.LastValue.from_output('param_norm')
+  skipped_steps: metrics.LastValue.from_output('skipped_steps')
+
+
+@flax.struct.dataclass
+class EvalMetrics(metrics.Collection):
+  # Averages over examples whose mask is set, so the padding of the last
+  # batch counts for nothing and the whole split counts exactly once.
+  loss: metrics.Average.from_output('loss')
+  top1: metrics.Average.from_output('top1')
+  top5: metrics.Average.from_output('top5')
+
+
+def _layer_and_stage(path):
+  keys = [p.key for p in path]
+  layer = '/'.join(keys[:-1])
+  return layer, keys[0].split('_')[0]
+
+
+def layer_grad_norms(grads):
+  """L2 norm of the gradient of each layer (all its parameters together)."""
+  squares = {}
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    layer, _ = _layer_and_stage(path)
+    squares[layer] = squares.get(layer, 0.0) + jnp.sum(jnp.square(g.astype(jnp.float32)))
+  return {layer: jnp.sqrt(s) for layer, s in squares.items()}
+
+
+def grad_magnitude_samples(grads, per_stage: int = 16_384):
+  """log10 |g| of up to `per_stage` evenly strided gradient entries per stage
+  (stem, stage1..4, head): enough for a histogram, small enough to fetch."""
+  stages = {}
+  for path, g in jax.tree_util.tree_leaves_with_path(grads):
+    stages.setdefault(_layer_and_stage(path)[1], []).append(g.reshape(-1))
+  samples = {}
+  for stage, parts in stages.items():
+    flat = jnp.concatenate(parts).astype(jnp.float32)
+    stride = max(1, flat.size // per_stage)
+    samples[stage] = jnp.log10(jnp.abs(flat[::stride]) + 1e-30)
+  return samples
