@@ -1,0 +1,379 @@
+"""Markdown report with figures for one or more training runs.
+
+  python -m bnfree_jax.report runs/r18_bn runs/r18_wn --out reports/r18 [--hist-stage stage2]
+
+Reads each run's TensorBoard event files and config.json and writes DIR/report.md:
+a results table (next to the paper's numbers where config.json has a `paper`
+section), a time/memory table like the paper's Table 7, and PNG figures like
+its Figs. 2-9. Unfinished or diverged runs are reported with what they logged.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import NamedTuple
+
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from tensorboard.backend.event_processing import event_accumulator
+from tensorboard.util import tensor_util
+
+# Train split sizes, to turn steps into epochs when train/epoch is not logged;
+# the trainer's steps per epoch is num_train // batch_size.
+_NUM_TRAIN = {'imagenet2012': 1_281_167, 'cifar10': 50_000, 'cifar100': 50_000,
+              'mnist': 60_000, 'fashion_mnist': 60_000}
+_DPI = 110
+# File stem -> caption in report.md; {stage} is --hist-stage.
+_FIGURES = {
+    'loss': 'Training and validation loss (paper Figs. 2, 4-8)',
+    'accuracy': 'Training and validation top-1 (paper Figs. 4-8)',
+    'grad_histograms': 'Gradient magnitudes of {stage} over training (paper Fig. 3)',
+    'schedules': 'Learning rate and clipping threshold (paper Fig. 9)',
+    'grad_norms': 'Gradient global norm and clipping threshold',
+}
+
+
+class ReportError(ValueError):
+  """A run directory that cannot be reported."""
+
+
+class Run(NamedTuple):
+  name: str
+  config: dict
+  scalars: dict  # tag -> (steps, values): float arrays in step order.
+  hists: dict    # tag -> [(step, [k, 3] array of left edge, right edge, count)].
+  steps_per_epoch: float | None
+
+
+def _check_run_dir(run_dir):
+  if not os.path.isdir(run_dir):
+    raise ReportError(f'run directory {run_dir} does not exist')
+  if not any(f.startswith('events.out.tfevents.') for f in os.listdir(run_dir)):
+    raise ReportError(f'run directory {run_dir} has no TensorBoard event files')
+
+
+def _read_tag(acc, tag):
+  """Steps and values of one tag. A resumed run logs again from its checkpoint
+  step, so a step at or below the last one seen drops the stale points after
+  it: EventAccumulator only purges on TF1 restart markers, which TF2 writers
+  never emit."""
+  steps, values = [], []
+  for event in acc.Tensors(tag):
+    while steps and steps[-1] >= event.step:
+      steps.pop()
+      values.pop()
+    steps.append(event.step)
+    values.append(tensor_util.make_ndarray(event.tensor_proto))
+  return steps, values
+
+
+def _steps_per_epoch(config, scalars):
+  if 'train/epoch' in scalars:
+    steps, epochs = scalars['train/epoch']
+    if (epochs > 0).any():
+      return float(np.median(steps[epochs > 0] / epochs[epochs > 0]))
+  dataset, batch = config.get('dataset'), config.get('batch_size')
+  num_train = (config.get('synthetic', {}).get('num_train') if dataset == 'synthetic'
+               else _NUM_TRAIN.get(dataset))
+  return num_train // batch if num_train and batch and num_train >= batch else None
+
+
+def load_run(run_dir) -> Run:
+  """Every scalar and histogram tag of a run directory, and its config."""
+  _check_run_dir(run_dir)
+  # Scalars and histograms of TF2 writers are both tensor summaries; 0 keeps all.
+  acc = event_accumulator.EventAccumulator(
+      run_dir, size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  scalars, hists = {}, {}
+  for tag in acc.Tags()['tensors']:
+    steps, values = _read_tag(acc, tag)
+    if acc.SummaryMetadata(tag).plugin_data.plugin_name == 'histograms':
+      # Buckets with non-finite edges (log10 of a zero gradient) cannot be drawn.
+      finite = [(s, h[np.isfinite(h).all(axis=1)]) for s, h in zip(steps, values)]
+      hists[tag] = [(s, h) for s, h in finite if len(h)]
+    else:
+      scalars[tag] = (np.asarray(steps, float), np.asarray(values, float).reshape(-1))
+  config = {}
+  path = os.path.join(run_dir, 'config.json')
+  if os.path.exists(path):
+    try:
+      with open(path) as f:
+        config = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ReportError(f'{path} is not valid JSON: {e}') from None
+  name = os.path.basename(os.path.normpath(run_dir))
+  return Run(name, config, scalars, hists, _steps_per_epoch(config, scalars))
+
+
+# ---------------------------------------------------------------- tables ----
+
+
+def _get(config, dotted, default='?'):
+  for key in dotted.split('.'):
+    config = config.get(key) if isinstance(config, dict) else None
+  return default if config is None else config
+
+
+def _last(run, tag):
+  return run.scalars[tag][1][-1] if tag in run.scalars else None
+
+
+def _best(run, tag):
+  values = run.scalars.get(tag, (None, np.array([np.nan])))[1]
+  return np.nanmax(values) if np.isfinite(values).any() else None
+
+
+def _fmt(value, scale=1.0, digits=2, sign=''):
+  if value is None:
+    return '—'
+  return f'{scale * value:{sign}.{digits}f}' if math.isfinite(value) else 'NaN'
+
+
+def _markdown(rows):
+  return '\n'.join('| ' + ' | '.join(map(str, r)) + ' |'
+                   for r in [rows[0], ['---'] * len(rows[0])] + rows[1:])
+
+
+def _lr_cell(config):
+  name, lr = _get(config, 'lr_schedule.name'), _get(config, 'lr_schedule.base_lr', None)
+  warmup = _get(config, 'lr_schedule.warmup_epochs', 0)
+  cell = name if lr is None else f'{name} {lr:g}'
+  return cell + (f', warm-up {warmup:g} ep' if warmup else '')
+
+
+def _clip_cell(config):
+  mode, threshold = _get(config, 'grad_clip.mode'), _get(config, 'grad_clip.threshold')
+  if mode == 'constant':
+    return f'constant {threshold:g}'
+  if mode == 'log':
+    return f'log {threshold:g}→{_get(config, "grad_clip.final_threshold"):g}'
+  if mode == 'agc':
+    return f'agc {_get(config, "grad_clip.agc_clipping"):g}'
+  return mode
+
+
+def _progress_cells(run):
+  """'steps / epochs' and notes on what the run is missing or did wrong."""
+  done = max((int(s[-1]) for s, _ in run.scalars.values() if len(s)), default=0)
+  epochs = f'{done / run.steps_per_epoch:.2f}' if run.steps_per_epoch else '?'
+  notes = [] if 'eval/top1' in run.scalars else ['no eval yet']
+  for tag in ('train/loss', 'eval/loss'):
+    if tag in run.scalars and not np.isfinite(run.scalars[tag][1]).all():
+      steps, values = run.scalars[tag]
+      notes.append(f'diverged: {tag} not finite at step {int(steps[~np.isfinite(values)][0])}')
+      break
+  total = _get(run.config, 'num_train_steps', -1)
+  if total <= 0 and run.steps_per_epoch:
+    total = int(_get(run.config, 'num_epochs', 0) * run.steps_per_epoch)
+  if 0 < done < total:
+    notes.append(f'unfinished: {done:,} of {total:,} steps')
+  return f'{done:,} / {epochs}', '; '.join(notes)
+
+
+def _results_table(runs):
+  with_paper = any(isinstance(r.config.get('paper'), dict) for r in runs)
+  head = ['run', 'model', 'norm', 'LR schedule', 'clip', 'dropout', 'steps / epochs',
+          'train top-1 final / best', 'val top-1 final / best']
+  head += ['paper train / val', 'Δ val (final − paper)'] if with_paper else []
+  rows = [head + ['notes']]
+  for run in runs:
+    steps_epochs, notes = _progress_cells(run)
+    val = _last(run, 'eval/top1')
+    row = [run.name, _get(run.config, 'model.name'), _get(run.config, 'model.norm'),
+           _lr_cell(run.config), _clip_cell(run.config), _get(run.config, 'model.dropout_rate'),
+           steps_epochs,
+           f'{_fmt(_last(run, "train/top1"), 100)} / {_fmt(_best(run, "train/top1"), 100)}',
+           f'{_fmt(val, 100)} / {_fmt(_best(run, "eval/top1"), 100)}']
+    if with_paper:
+      paper = run.config.get('paper') or {}
+      train_p, val_p = paper.get('train_top1'), paper.get('val_top1')
+      diff = None if val is None or val_p is None else 100 * val - val_p
+      row += [f'{_fmt(train_p)} / {_fmt(val_p)}', _fmt(diff, sign='+')]
+    rows.append(row + [notes])
+  return _markdown(rows)
+
+
+def _median_after_first(run, tag):
+  """The first logged point includes compilation, so it is left out."""
+  values = run.scalars[tag][1][1:] if tag in run.scalars else np.array([])
+  return float(np.median(values[np.isfinite(values)])) if np.isfinite(values).any() else None
+
+
+def _perf_table(runs):
+  rows = [['run', 'model', 'norm', 'time / epoch', 'images/s', 'peak memory (GB)']]
+  for run in runs:
+    seconds = _median_after_first(run, 'perf/seconds_per_epoch')
+    time_cell = ('—' if seconds is None else
+                 f'{seconds / 60:.1f} min' if seconds > 120 else f'{seconds:.1f} s')
+    rows.append([run.name, _get(run.config, 'model.name'), _get(run.config, 'model.norm'),
+                 time_cell, _fmt(_median_after_first(run, 'perf/images_per_sec'), digits=0),
+                 _fmt(_best(run, 'perf/peak_memory_gb'))])
+  return _markdown(rows)
+
+
+# --------------------------------------------------------------- figures ----
+
+
+def _color(i):
+  return f'C{i % 10}'
+
+
+def _figure(runs, ncols, nrows=1, height=3.6):
+  """A figure with one legend entry per run, whether or not each panel has it."""
+  fig = Figure(figsize=(5.2 * ncols, height * nrows + 0.6), layout='constrained')
+  axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+  handles = [Line2D([], [], color=_color(i), label=r.name) for i, r in enumerate(runs)]
+  fig.legend(handles=handles, loc='outside lower center', ncols=min(len(runs), 4))
+  return fig, axes
+
+
+def _plot(ax, runs, tag, axis, title, ylabel, scale=1.0, log=False, dashed_tag=None):
+  """One line per run that logged `tag`, plus `dashed_tag` dashed in its colour."""
+  for i, run in enumerate(runs):
+    for t, style in ((tag, '-'), (dashed_tag, '--')):
+      if t in run.scalars:
+        steps, values = run.scalars[t]
+        x = steps / run.steps_per_epoch if axis == 'epoch' else steps
+        y = np.where(np.isfinite(values), values * scale, np.nan)  # NaN: a gap in the line.
+        ax.plot(x, y, style, color=_color(i), marker='.' if len(x) < 30 else None)
+  if not ax.has_data():
+    ax.text(0.5, 0.5, f'no {tag} logged', ha='center', va='center', transform=ax.transAxes)
+  elif log:
+    ax.set_yscale('log', nonpositive='mask')
+  ax.set(title=title, xlabel=axis, ylabel=ylabel)
+  ax.grid(alpha=0.3)
+
+
+def _rebin(hist, edges):
+  """Counts of one histogram on common edges, each bucket spread evenly."""
+  cdf = np.concatenate([[0.0], np.cumsum(hist[:, 2])])
+  return np.diff(np.interp(edges, np.concatenate([hist[:1, 0], hist[:, 1]]), cdf))
+
+
+def _cell_edges(x):
+  """Heatmap column edges, halfway between the logged steps."""
+  if len(x) == 1:
+    return np.array([x[0] - 0.5, x[0] + 0.5])
+  mid = (x[1:] + x[:-1]) / 2
+  return np.concatenate([[2 * x[0] - mid[0]], mid, [2 * x[-1] - mid[-1]]])
+
+
+def _histogram_figure(runs, axis, stage):
+  """Paper Fig. 3: log10 |g| of one stage over training, one heatmap per run,
+  on a common y range so runs compare."""
+  tag = f'grad_log10_magnitude/{stage}'
+  ncols = min(len(runs), 2)
+  fig, axes = _figure(runs, ncols, math.ceil(len(runs) / ncols))
+  fig.suptitle(f'log10 |gradient| of {stage} over training (colour: count)')
+  hists = [h for r in runs for _, h in r.hists.get(tag, [])]
+  lo = min((h[:, 0].min() for h in hists), default=0.0)
+  hi = max((h[:, 1].max() for h in hists), default=1.0)
+  edges = np.linspace(lo, hi if hi > lo else lo + 1, 61)
+  for i, (ax, run) in enumerate(zip(axes, runs)):
+    entries = run.hists.get(tag, [])
+    ax.set(title=run.name, xlabel=axis, ylabel='log10 |g|')
+    ax.title.set_color(_color(i))
+    if not entries:
+      logged = sorted(t.rsplit('/', 1)[-1] for t in run.hists) or ['none']
+      ax.text(0.5, 0.5, f'no {stage} histograms\n(logged: {", ".join(logged)})',
+              ha='center', va='center', transform=ax.transAxes)
+      ax.set(xticks=[], yticks=[])
+      continue
+    steps = np.array([s for s, _ in entries], float)
+    x = steps / run.steps_per_epoch if axis == 'epoch' else steps
+    grid = np.stack([_rebin(h, edges) for _, h in entries], axis=1)
+    mesh = ax.pcolormesh(_cell_edges(x), edges, grid, cmap='viridis', shading='flat')
+    fig.colorbar(mesh, ax=ax, label='count')
+  for ax in axes[len(runs):]:
+    ax.set_axis_off()
+  return fig
+
+
+def write_figures(runs, out_dir, hist_stage='stage2'):
+  """Writes the PNGs named in _FIGURES into out_dir."""
+  # Epochs when every run can convert steps, so all curves share one axis.
+  axis = 'epoch' if all(r.steps_per_epoch for r in runs) else 'step'
+  figures = {}
+
+  fig, (a, b) = _figure(runs, 2)
+  _plot(a, runs, 'train/loss', axis, 'Training loss', 'cross-entropy')
+  _plot(b, runs, 'eval/loss', axis, 'Validation loss', 'cross-entropy')
+  figures['loss'] = fig
+
+  fig, (a, b) = _figure(runs, 2)
+  _plot(a, runs, 'train/top1', axis, 'Training top-1', 'top-1 (%)', scale=100)
+  _plot(b, runs, 'eval/top1', axis, 'Validation top-1', 'top-1 (%)', scale=100)
+  figures['accuracy'] = fig
+
+  figures['grad_histograms'] = _histogram_figure(runs, axis, hist_stage)
+
+  fig, (a, b) = _figure(runs, 2)
+  _plot(a, runs, 'train/learning_rate', axis, 'Learning rate', 'learning rate')
+  _plot(b, runs, 'train/clip_threshold', axis, 'Gradient clipping threshold', 'global norm')
+  figures['schedules'] = fig
+
+  fig, (a,) = _figure(runs, 1, height=4.0)
+  _plot(a, runs, 'train/grad_norm', axis, 'Gradient global norm (dashed: clip threshold)',
+        'global norm', log=True, dashed_tag='train/clip_threshold')
+  figures['grad_norms'] = fig
+
+  for name, fig in figures.items():
+    fig.savefig(os.path.join(out_dir, f'{name}.png'), dpi=_DPI)
+
+
+# ---------------------------------------------------------------- report ----
+
+
+def write_report(run_dirs, out_dir, hist_stage='stage2'):
+  """Writes out_dir/report.md and its figures; returns the report's path."""
+  for run_dir in run_dirs:  # All checked before the slow reading starts.
+    _check_run_dir(run_dir)
+  runs = [load_run(d) for d in run_dirs]
+  os.makedirs(out_dir, exist_ok=True)
+  write_figures(runs, out_dir, hist_stage)
+  lines = [
+      '# Training report', '',
+      'Runs: ' + ', '.join(f'`{d}`' for d in run_dirs), '',
+      '## Top-1 accuracy (%) (paper Tables 1-6)', '',
+      _results_table(runs), '',
+      'Final: the last logged value (train top-1 averages the last log interval); '
+      'best: the highest logged. Δ val compares the final validation top-1 with the paper.',
+      '', '## Time and memory (paper Table 7)', '',
+      _perf_table(runs), '',
+      'Medians over the logged points after the first, which includes compilation; '
+      'memory is the highest logged peak.', '', '## Figures', '']
+  for name, caption in _FIGURES.items():
+    lines += [f'### {caption.format(stage=hist_stage)}', '', f'![{name}]({name}.png)', '']
+  path = os.path.join(out_dir, 'report.md')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines))
+  return path
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(
+      prog='python -m bnfree_jax.report',
+      description='Markdown report and figures from bnfree_jax run directories.')
+  parser.add_argument('run_dirs', nargs='+', metavar='RUN_DIR',
+                      help='a trainer workdir: event files and config.json')
+  parser.add_argument('--out', required=True, metavar='DIR',
+                      help='where report.md and the PNGs go (created if missing)')
+  parser.add_argument('--hist-stage', default='stage2',
+                      help='stage of the gradient-magnitude heatmaps (stem, stage1..4, head); '
+                           "stage2 is roughly the paper's ninth layer")
+  args = parser.parse_args(argv)
+  try:
+    path = write_report(args.run_dirs, args.out, args.hist_stage)
+  except ReportError as e:
+    print(f'{parser.prog}: error: {e}', file=sys.stderr)
+    return 2
+  print(f'wrote {path}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

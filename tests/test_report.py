@@ -1,0 +1,157 @@
+"""bnfree_jax.report on tiny run directories written the way the trainer writes them."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from clu import metric_writers
+
+from bnfree_jax import report
+
+FIGURES = ('loss', 'accuracy', 'grad_histograms', 'schedules', 'grad_norms')
+
+
+def _write_run(run_dir, config, scalars, hists=()):
+  """scalars: [(step, {tag: value})]; hists: [(step, {tag: samples})]."""
+  run_dir.mkdir()
+  (run_dir / 'config.json').write_text(json.dumps(config))
+  writer = metric_writers.SummaryWriter(str(run_dir))
+  for step, values in scalars:
+    writer.write_scalars(step, values)
+  for step, arrays in hists:
+    writer.write_histograms(step, arrays)
+  writer.flush()
+  writer.close()
+  return run_dir
+
+
+def _config(**paper):
+  config = dict(dataset='cifar10', batch_size=500, num_epochs=4, num_train_steps=-1,
+                model=dict(name='resnet18', norm='weight', dropout_rate=0.1),
+                lr_schedule=dict(name='linear', base_lr=0.017, warmup_epochs=1.0),
+                grad_clip=dict(mode='log', threshold=5.0, final_threshold=50.0))
+  if paper:
+    config['paper'] = dict(table='5', row='non-BN with adaptive clipping & dropout', **paper)
+  return config
+
+
+@pytest.fixture(scope='module')
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp('runs')
+  rng = np.random.default_rng(0)
+  # With paper numbers; train/epoch logged (100 steps per epoch); resumed at
+  # step 200, so the first attempt's eval at 300 (top-1 0.99) is stale.
+  wn = [(s, {'train/loss': 2.0 / s * 100, 'train/top1': t, 'train/epoch': s / 100,
+             'train/learning_rate': 0.017 * s / 100, 'train/grad_norm': 8.0 / s * 100,
+             'train/clip_threshold': 5.0 * 10 ** (s / 400),
+             'perf/seconds_per_epoch': sec, 'perf/images_per_sec': img,
+             'perf/peak_memory_gb': mem})
+        for s, t, sec, img, mem in [(100, 0.30, 1000.0, 10.0, 1.5), (200, 0.55, 60.0, 100.0, 2.25),
+                                    (300, 0.70, 62.0, 200.0, 2.0), (400, 0.7234, 70.0, 300.0, 2.0)]]
+  order = [wn[0], (100, {'eval/loss': 1.5, 'eval/top1': 0.40}), wn[1],
+           (200, {'eval/loss': 1.2, 'eval/top1': 0.6125}), wn[2],
+           (300, {'eval/loss': 1.3, 'eval/top1': 0.99}),
+           # Resumed from step 200: step 300 is logged again.
+           wn[2], (300, {'eval/loss': 1.3, 'eval/top1': 0.58}), wn[3],
+           (400, {'eval/loss': 1.25, 'eval/top1': 0.5875})]
+  hists = [(s, {'grad_log10_magnitude/stage2': rng.normal(-3 + s / 400, 0.5, 2000),
+                'grad_log10_magnitude/stage1': rng.normal(-2, 0.5, 2000)})
+           for s in range(0, 400, 50)]
+  wn_dir = _write_run(root / 'r18_wn', _config(train_top1=74.7, val_top1=65.1), order, hists)
+
+  # No paper section, no train/epoch (cifar10 at batch 500: 100 steps per
+  # epoch), loss NaN at the end, minutes per epoch.
+  bn = [(s, {'train/loss': loss, 'train/top1': 0.2 * s / 100, 'train/learning_rate': 0.1,
+             'train/grad_norm': 1.0, 'perf/seconds_per_epoch': sec,
+             'perf/images_per_sec': 50.0, 'perf/peak_memory_gb': 7.0})
+        for s, loss, sec in [(100, 2.3, 5000.0), (200, 2.0, 300.0), (300, 1.9, 330.0),
+                             (350, float('nan'), 360.0)]]
+  bn += [(200, {'eval/loss': 2.1, 'eval/top1': 0.25})]
+  bn_config = _config()
+  bn_config['model'].update(norm='batch', dropout_rate=0.0)
+  bn_config['grad_clip'] = dict(mode='none')
+  bn_hists = [(s, {'grad_log10_magnitude/stage2': rng.normal(-4, 0.3, 2000)})
+              for s in range(0, 300, 100)]
+  bn_dir = _write_run(root / 'r18_bn', bn_config, sorted(bn, key=lambda p: p[0]), bn_hists)
+
+  # Just started: one train point, no eval, no histograms.
+  new_dir = _write_run(root / 'r18_new', _config(train_top1=None, val_top1=64.7),
+                       [(10, {'train/loss': 6.9, 'train/top1': 0.001})])
+  out = root / 'out' / 'nested'
+  path = report.write_report([str(wn_dir), str(bn_dir), str(new_dir)], str(out))
+  return dict(wn=wn_dir, bn=bn_dir, new=new_dir, out=out, path=path,
+              text=open(path).read())
+
+
+def _row(text, name):
+  rows = [line for line in text.splitlines() if line.startswith(f'| {name} |')]
+  assert len(rows) == 2, rows  # Results table and time/memory table.
+  return [[c.strip() for c in r.strip('|').split('|')] for r in rows]
+
+
+def test_load_run_reads_scalars_histograms_and_resumes(runs):
+  run = report.load_run(str(runs['wn']))
+  steps, top1 = run.scalars['eval/top1']
+  np.testing.assert_array_equal(steps, [100, 200, 300, 400])
+  np.testing.assert_allclose(top1, [0.40, 0.6125, 0.58, 0.5875], rtol=1e-6)  # 0.99 purged.
+  assert run.steps_per_epoch == 100  # From train/epoch.
+  step, hist = run.hists['grad_log10_magnitude/stage2'][0]
+  assert step == 0 and hist.shape[1] == 3 and hist[:, 2].sum() == 2000
+  bn = report.load_run(str(runs['bn']))
+  assert bn.steps_per_epoch == 100  # From cifar10's 50,000 / batch 500.
+  assert math.isnan(bn.scalars['train/loss'][1][-1])
+
+
+def test_results_table(runs):
+  text = runs['text']
+  assert 'paper train / val' in text
+  wn, _ = _row(text, 'r18_wn')
+  assert wn[1:7] == ['resnet18', 'weight', 'linear 0.017, warm-up 1 ep', 'log 5→50', '0.1',
+                     '400 / 4.00']
+  assert wn[7] == '72.34 / 72.34'
+  assert wn[8] == '58.75 / 61.25'      # Final / best validation top-1.
+  assert wn[9] == '74.70 / 65.10'      # Paper train / val.
+  assert wn[10] == '-6.35'             # 58.75 - 65.10.
+  bn, _ = _row(text, 'r18_bn')
+  assert bn[2] == 'batch' and bn[4] == 'none'
+  assert bn[8] == '25.00 / 25.00' and bn[9] == '— / —' and bn[10] == '—'
+  assert 'diverged: train/loss not finite at step 350' in bn[11]
+  assert 'unfinished: 350 of 400 steps' in bn[11]
+  new, _ = _row(text, 'r18_new')
+  assert new[6] == '10 / 0.10' and new[8] == '— / —' and new[9] == '— / 64.70'
+  assert 'no eval yet' in new[11]
+
+
+def test_perf_table_excludes_first_point(runs):
+  _, wn = _row(runs['text'], 'r18_wn')
+  # Medians of [60, 62, 70] and [100, 200, 300]; with the first point they would be 61, 150.
+  assert wn[3:6] == ['62.0 s', '200', '2.25']
+  _, bn = _row(runs['text'], 'r18_bn')
+  assert bn[3:6] == ['5.5 min', '50', '7.00']  # Median 330 s of [300, 330, 360].
+  _, new = _row(runs['text'], 'r18_new')
+  assert new[3:6] == ['—', '—', '—']
+
+
+def test_figures_are_pngs_linked_from_report(runs):
+  for name in FIGURES:
+    data = (runs['out'] / f'{name}.png').read_bytes()
+    assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 1024, name
+    assert f']({name}.png)' in runs['text']
+
+
+def test_main_prints_path_and_other_stage(runs, tmp_path, capsys):
+  assert report.main([str(runs['wn']), '--out', str(tmp_path), '--hist-stage', 'stage1']) == 0
+  assert str(tmp_path / 'report.md') in capsys.readouterr().out
+  assert 'stage1' in (tmp_path / 'report.md').read_text()
+
+
+@pytest.mark.parametrize('make', ['missing', 'empty'])
+def test_bad_run_dir_exits_2(runs, tmp_path, capsys, make):
+  bad = tmp_path / 'nope'
+  if make == 'empty':
+    bad.mkdir()
+  assert report.main([str(runs['wn']), str(bad), '--out', str(tmp_path / 'out')]) == 2
+  err = capsys.readouterr().err
+  assert str(bad) in err and len(err.strip().splitlines()) == 1
+  assert not (tmp_path / 'out').exists()
