@@ -67,7 +67,7 @@ def test_twins_build_with_the_rows_recipe(stem, arg):
   if arg == 'small':
     assert (c.dataset, c.model.width, c.batch_size) == ('fashion_mnist', 16, 128)
     # One budget for every row: 5 Fashion-MNIST epochs.
-    assert s.total_steps == 2340 == c.num_epochs * s.steps_per_epoch
+    assert s.total_steps == 936 == c.num_epochs * s.steps_per_epoch
   else:
     assert (c.dataset, c.model.width, s.info.image_shape) == ('synthetic', 8, (16, 16, 3))
     assert s.total_steps <= 8

@@ -4,9 +4,9 @@
   None     the paper's run: ImageNet, batch 256, SGD momentum 0.9, weight decay
            1e-4 (configs/default.py), 90 epochs (120 for the warm-up rows).
   'small'  its twin on Fashion-MNIST: small stem, width 16, batch 128 and the
-           same budget for every row, SMALL_STEPS = 5 epochs; epoch-based
-           settings (warm-up, LR steps, cycle length) shrink by 5 / the row's
-           epochs, the clipping threshold's per-epoch schedule spans the 5
+           same budget for every row, SMALL_STEPS = 2 epochs; epoch-based
+           settings (warm-up, LR steps, cycle length) shrink by 2 / the row's
+           epochs, the clipping threshold's per-epoch schedule spans the 2
            epochs. LR, normalization, clipping and dropout stay the row's.
   'tiny'   a few steps on 16 px synthetic data at width 8, for smoke tests.
 
@@ -48,8 +48,8 @@ CYCLE_HALF_EPOCHS = 5.0
 CLIP_FINAL = 50.0
 DROPOUT = 0.1
 
-SMALL_EPOCHS = 5
-SMALL_STEPS = SMALL_EPOCHS * (60_000 // 128)  # 2340: Fashion-MNIST, batch 128.
+SMALL_EPOCHS = 2
+SMALL_STEPS = SMALL_EPOCHS * (60_000 // 128)  # 936: Fashion-MNIST, batch 128.
 TINY_EPOCHS, TINY_TRAIN, TINY_BATCH = 2, 32, 16  # 4 steps.
 
 
