@@ -18,8 +18,8 @@ def get_config():
   c.dataset = 'fashion_mnist'
   c.model.update(stem='small', width=16, dropout_rate=0.1)
   c.batch_size = 128
-  c.num_epochs = 5
-  c.lr_schedule.update(base_lr=0.05, warmup_init_lr=0.005, warmup_epochs=1)
+  c.num_epochs = 3
+  c.lr_schedule.update(base_lr=0.1, warmup_init_lr=0.01, warmup_epochs=0.5)
   c.grad_clip.update(threshold=5.0, final_threshold=50.0)
   c.log_every_steps = 50
   c.checkpoint_every_steps = 500
