@@ -1,0 +1,63 @@
+"""bench.py on a tiny ResNet-18: records, table and bad input. No timing assertions."""
+
+import json
+
+import pytest
+
+from bnfree_jax import bench
+
+KEYS = ('model', 'variant', 'batch_size', 'image_size', 'step_time_ms', 'step_time_ms_min',
+        'step_time_ms_max', 'images_per_sec', 'compile_s', 'flops_per_step', 'temp_bytes',
+        'argument_bytes', 'output_bytes', 'peak_bytes', 'device', 'jax_version', 'xla_flags',
+        'load_avg_start', 'ratio_to_batch')
+
+
+def test_tiny_train_step_bench(tmp_path, capsys):
+  out = tmp_path / 'bench.json'
+  md = tmp_path / 'bench.md'
+  code = bench.main(['--models', 'resnet18', '--variants', 'batch,weight', '--width', '8',
+                     '--image-size', '32', '--batch-size', '4', '--steps', '2',
+                     '--warmup', '1', '--json', str(out), '--md', str(md)])
+  assert code == 0
+  records = json.loads(out.read_text())
+  assert [r['variant'] for r in records] == ['batch', 'weight']
+  for r in records:
+    assert set(KEYS) <= set(r), set(KEYS) - set(r)
+    assert (r['model'], r['batch_size'], r['image_size'], r['width']) == ('resnet18', 4, 32, 8)
+    for key in ('step_time_ms', 'images_per_sec', 'compile_s', 'flops_per_step',
+                'temp_bytes', 'argument_bytes'):
+      assert r[key] > 0, key
+    assert r['step_time_ms_min'] <= r['step_time_ms'] <= r['step_time_ms_max']
+    assert len(r['step_times_ms']) == 2 and r['all_finite']
+  assert records[0]['ratio_to_batch'] == 1.0
+
+  table = capsys.readouterr().out
+  assert md.read_text().strip() == table.strip()
+  rows = [line for line in table.splitlines() if line.startswith('| resnet18 |')]
+  assert len(rows) == 2
+  assert rows[0].split(' | ')[1] == 'batch' and rows[0].split(' | ')[4] == '1.00 (1.00–1.00)'
+  assert rows[1].split(' | ')[1] == 'weight'
+
+
+def test_variant_expansion():
+  assert bench.parse_variants(['weight', 'batch'], memory_options=True) == [
+      'weight', 'weight+remat', 'weight+bf16', 'batch', 'batch+remat', 'batch+bf16']
+  assert bench.parse_variants(['weight+bf16'], remat=True) == ['weight+bf16+remat']
+  assert bench.parse_variants(['none'], compute_dtype='bfloat16') == ['none+bf16']
+  c = bench.variant_config('resnet18', 'weight_clip_dropout+remat+bf16', 16, 224, 64)
+  assert (c.model.norm, c.model.dropout_rate, c.grad_clip.mode, c.remat, c.compute_dtype) == (
+      'weight', 0.1, 'log', True, 'bfloat16')
+  assert bench.variant_config('resnet18', 'batch', 16, 224, 64).grad_clip.mode == 'none'
+
+
+@pytest.mark.parametrize('argv, allowed', [
+    (['--variants', 'batch,wieght'], 'weight_clip_dropout'),
+    (['--variants', 'weight+fp16'], '+remat'),
+    (['--models', 'resnet19'], 'resnet50'),
+    (['--input', 'cifar10'], 'fashion_mnist'),
+    (['--steps', '0'], '>= 1'),
+])
+def test_bad_input_exits_2_with_one_line(argv, allowed, capsys):
+  assert bench.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith('error:') and allowed in err
