@@ -1,6 +1,12 @@
 """Orbax checkpoints of the train state: periodic async saves, the last N kept,
-and restore of the newest checkpoint that can actually be read."""
+and restore of the newest checkpoint that can actually be read.
 
+A checkpoint leaves the disk only through orbax's LatestN policy, which drops
+the oldest ones as newer ones complete; one that cannot be read is moved
+aside (see restore_latest), never deleted.
+"""
+
+import datetime
 import logging
 
 import jax
@@ -8,12 +14,18 @@ from etils import epath
 import orbax.checkpoint as ocp
 
 
+class NoReadableCheckpointError(ValueError):
+  """Checkpoints exist, but none restores into the expected train state."""
+
+
 def manager(workdir, *, keep: int, every_steps: int) -> ocp.CheckpointManager:
   """A manager over WORKDIR/checkpoints.
 
   Saves are asynchronous, so the next train steps overlap the write; orbax
-  writes into a temporary directory and renames it when complete, so a crash
-  mid-save never leaves a checkpoint that looks finished.
+  writes into a `<step>.orbax-checkpoint-tmp-*` directory and renames it when
+  complete, so a crash mid-save never leaves a checkpoint that looks finished.
+  Such leftovers of an interrupted save are incomplete by construction, so
+  cleanup_tmp_directories removes them when the manager starts.
   """
   options = ocp.CheckpointManagerOptions(
       save_interval_steps=every_steps,
@@ -26,19 +38,50 @@ def manager(workdir, *, keep: int, every_steps: int) -> ocp.CheckpointManager:
 
 def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
   """The newest readable checkpoint restored into abstract_state's structure
-  and shardings, or None when there is none.
+  and shardings, or None when there is no checkpoint.
 
-  A checkpoint that fails to restore (truncated or corrupted files) is skipped
-  with a warning and left on disk for inspection.
+  A checkpoint newer than the one restored that fails to restore (truncated
+  or corrupted files) is renamed to `<step>.corrupt-<UTC time>`, with a
+  warning: orbax no longer lists it, so it neither blocks saving that step
+  again nor falls to the LatestN policy, and it stays on disk for inspection.
+  When no checkpoint restores, a config that changed the train state is more
+  likely than damage: nothing is moved, and NoReadableCheckpointError says so.
   """
-  for step in sorted(mngr.all_steps(), reverse=True):
+  steps = sorted(mngr.all_steps(), reverse=True)
+  state, errors = None, []
+  for step in steps:
     try:
-      return mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      break
     except Exception as e:  # orbax raises many types for damaged files.
-      logging.warning('Checkpoint at step %d in %s cannot be read (%s: %s); '
-                      'trying an older one.', step, mngr.directory,
-                      type(e).__name__, str(e).splitlines()[0] if str(e) else '')
-  return None
+      errors.append(f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
+      logging.warning('Checkpoint at step %d in %s cannot be read (%s); trying '
+                      'an older one.', step, mngr.directory, errors[-1])
+  if state is None and steps:
+    raise NoReadableCheckpointError(
+        f'no checkpoint in {mngr.directory} (steps {", ".join(map(str, steps))}) '
+        "restores into this config's train state; the newest fails with "
+        f'{errors[0]}. A changed optimizer or model needs another --workdir; '
+        'damaged checkpoints must be moved aside by hand.')
+  if errors:
+    _move_aside(mngr, steps[:len(errors)])
+  return state
+
+
+def _move_aside(mngr, steps):
+  # Every process has tried to read these before the primary renames them,
+  # and all wait for the renames before the manager lists its steps again.
+  barrier = f'bnfree_jax_move_aside_{"_".join(map(str, steps))}'
+  ocp.multihost.sync_global_processes(barrier + '_read')
+  if jax.process_index() == 0:
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime('%Y%m%dT%H%M%SZ')
+    for step in steps:
+      path = mngr.directory / str(step)  # The manager's step names carry no prefix.
+      target = path.parent / f'{step}.corrupt-{stamp}'
+      path.rename(target)
+      logging.warning('Moved the unreadable checkpoint of step %d to %s.', step, target)
+  ocp.multihost.sync_global_processes(barrier + '_moved')
+  mngr.reload()
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, *, force=False) -> bool:

@@ -18,14 +18,28 @@ from ml_collections import config_flags  # noqa: E402
 
 EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75
 
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Config file (CONFIG.py or CONFIG.py:arg).',
-                                lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and config.json.')
-flags.DEFINE_string('coordinator_address', None,
-                    'HOST:PORT of process 0, for training over several processes.')
-flags.DEFINE_integer('num_processes', None, 'Number of processes in a multi-process run.')
-flags.DEFINE_integer('process_id', None, 'Index of this process in a multi-process run.')
+
+def _flags(argv) -> flags.FlagValues:
+  """The flags of one run, parsed from argv.
+
+  A fresh set each call, handed argv explicitly: config_flags finds the
+  --config.* overrides in its sys_argv (else in sys.argv), so run(argv) parses
+  exactly argv, and can be called again in the same process.
+  """
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'Config file (CONFIG.py or CONFIG.py:arg).',
+                                  flag_values=fv, lock_config=True, sys_argv=argv)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and config.json.',
+                      flag_values=fv)
+  flags.DEFINE_string('coordinator_address', None,
+                      'HOST:PORT of process 0, for training over several processes.',
+                      flag_values=fv)
+  flags.DEFINE_integer('num_processes', None, 'Number of processes in a multi-process run.',
+                       flag_values=fv)
+  flags.DEFINE_integer('process_id', None, 'Index of this process in a multi-process run.',
+                       flag_values=fv)
+  fv(argv)
+  return fv
 
 
 def _launched_by_cluster():
@@ -41,11 +55,11 @@ def _fail(code, message):
   return code
 
 
-def _initialize_distributed():
+def _initialize_distributed(fv):
   import jax
   # CPU processes talk through gloo; GPUs use NCCL regardless of this setting.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  explicit = (fv.coordinator_address, fv.num_processes, fv.process_id)
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
       raise ValueError('--coordinator_address, --num_processes and --process_id '
@@ -58,14 +72,19 @@ def _initialize_distributed():
 def run(argv=None) -> int:
   argv = sys.argv if argv is None else argv
   try:
-    FLAGS(argv)
-    if FLAGS['config'].present == 0 or FLAGS.workdir is None:
+    fv = _flags(argv)
+    if fv['config'].present == 0 or fv.workdir is None:
       return _fail(EXIT_BAD_INPUT, '--config and --workdir are both required')
-    FLAGS.config.keys()  # config_flags defers a failure to load the file to here.
+    config, workdir = fv.config, fv.workdir
+    config.keys()  # config_flags defers a failure to load the file to here.
   except (AttributeError, KeyError) as e:  # A locked config refuses new keys.
-    key = str(e).strip('"\'')
-    return _fail(EXIT_BAD_INPUT, f"unknown config key '{key}' in the --config.* "
-                 'overrides (configs/default.py lists the keys)')
+    # An AttributeError may wrap the KeyError whose message is the key, quoted,
+    # maybe followed by a "Did you mean" line.
+    while e.args and isinstance(e.args[0], Exception):
+      e = e.args[0]
+    key, *hint = str(e.args[0] if e.args else e).splitlines()
+    key, hint = key.strip('\'"'), ' '.join(hint) or 'configs/default.py lists the keys'
+    return _fail(EXIT_BAD_INPUT, f"unknown config key '{key}' in the --config.* overrides ({hint})")
   except (flags.Error, ValueError, OSError, SyntaxError) as e:
     # The last line of a failed config load names the file and the cause.
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -78,14 +97,14 @@ def run(argv=None) -> int:
 
   from bnfree_jax import train  # Imports JAX and TF: after the flags are fine.
   try:
-    _initialize_distributed()
+    _initialize_distributed(fv)
     # Every check that needs no compilation, so a typo costs seconds.
-    train.setup(FLAGS.config)
-    train.prepare_workdir(FLAGS.config, FLAGS.workdir)
-  except ValueError as e:
+    train.setup(config)
+    train.prepare_workdir(config, workdir)
+  except (ValueError, TypeError) as e:  # TypeError: a config value of the wrong type.
     return _fail(EXIT_BAD_INPUT, str(e))
   try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    train.train_and_evaluate(config, workdir)
   except train.InputError as e:
     return _fail(EXIT_BAD_INPUT, str(e))
   except train.NonFiniteError as e:

@@ -7,6 +7,7 @@ all-reduce and the cross-device batch statistics itself; there is no pmap and
 no explicit pmean.
 """
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -82,13 +83,16 @@ def setup(config, devices=None) -> Setup:
   """
   for key in ('batch_size', 'log_every_steps', 'checkpoint_every_steps',
               'keep_checkpoints', 'histogram_every_steps'):
-    _check(config[key] > 0, f'{key}={config[key]!r} must be > 0')
+    _check(isinstance(config[key], int) and config[key] > 0,
+           f'{key}={config[key]!r} must be an integer > 0')
   _check(config.num_train_steps > 0 or config.num_epochs > 0,
          f'num_epochs={config.num_epochs!r} must be > 0 when num_train_steps is -1')
   _check(config.eval_every_steps > 0 or config.eval_every_steps == -1,
          f'eval_every_steps={config.eval_every_steps!r} must be > 0, or -1 for once per epoch')
   _check(config.on_nonfinite in ('stop', 'skip'),
          f"on_nonfinite={config.on_nonfinite!r} is not one of: stop, skip")
+  _check(not config.model.wn_data_init or config.model.norm == 'weight',
+         f"model.wn_data_init=True needs model.norm='weight', not {config.model.norm!r}")
   _check(config.compute_dtype in COMPUTE_DTYPES,
          f"compute_dtype={config.compute_dtype!r} is not one of: {', '.join(COMPUTE_DTYPES)}")
 
@@ -193,8 +197,10 @@ def train_step(state: TrainState, batch, *, s: Setup):
   params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(per_example['loss']).all() & jnp.isfinite(grad_norm)
   new = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
-  if s.config.on_nonfinite == 'skip':
-    new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+  # A non-finite update is never applied, whatever config.on_nonfinite says:
+  # 'skip' goes on without it and 'stop' ends the run holding the last finite
+  # state. Both modes thus share one compiled program.
+  new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
   new = new.replace(step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32))
 
   threshold = (s.optimizer.clip_threshold(state.step)
@@ -259,6 +265,18 @@ class _StopSignals:
     return flag
 
 
+@contextlib.contextmanager
+def _completing(mngr, writer):
+  """However the loop ends, the checkpoint save in flight completes and the
+  metrics reach disk: an error message naming that checkpoint is true, and
+  a rerun resumes from it."""
+  try:
+    yield
+  finally:
+    mngr.wait_until_finished()
+    writer.flush()
+
+
 def _writer(workdir):
   if jax.process_index() > 0:
     return metric_writers.MultiWriter([])
@@ -298,7 +316,12 @@ def _global_batch(sharding, local):
 
 def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   """Trains (or, with config.eval_only, evaluates) the run in workdir,
-  resuming from its newest readable checkpoint. Returns the last eval metrics."""
+  resuming from its newest readable checkpoint. Returns the last eval metrics.
+
+  Raises InputError for a bad config, data or workdir; NonFiniteError when
+  on_nonfinite='stop' meets a non-finite step; Preempted after SIGTERM/SIGINT,
+  once a checkpoint of the current step is saved.
+  """
   s = setup(config, devices)
   prepare_workdir(config, workdir)
   replicated, data = NamedSharding(s.mesh, P()), NamedSharding(s.mesh, P('data'))
@@ -317,44 +340,51 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   abstract = jax.eval_shape(lambda: init_state(s))
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                           abstract)
-  state = checkpointing.restore_latest(mngr, abstract)
+  try:
+    state = checkpointing.restore_latest(mngr, abstract)
+  except checkpointing.NoReadableCheckpointError as e:
+    raise InputError(str(e)) from e
   if state is None and config.eval_only:
     raise InputError(f'workdir {workdir} has no checkpoint to evaluate')
-  if state is None:
-    first = (_global_batch(data, next(train_batches(start_step=0)))
-             if config.model.wn_data_init else None)
-    state = init_state(s, first)
-  start = int(state.step)
   writer = _writer(workdir)
   log = logging.info if jax.process_index() == 0 else logging.debug
 
-  if config.eval_only or start >= s.total_steps:
+  if state is not None and (config.eval_only or int(state.step) >= s.total_steps):
+    step = int(state.step)
     results = evaluate(s, state, eval_fn)
-    writer.write_scalars(start, results)
+    writer.write_scalars(step, results)
     writer.flush()
-    log('step %d: %s', start, ' '.join(f'{k}={v:.4f}' for k, v in results.items()))
+    log('step %d: %s', step, ' '.join(f'{k}={v:.4f}' for k, v in results.items()))
     return results
 
-  log('Training %s (norm=%s) on %s: steps %d..%d of %d, %d steps/epoch, '
-      'global batch %d over %d devices.', config.model.name, config.model.norm,
-      s.info.name, start, s.total_steps, s.total_steps, s.steps_per_epoch,
-      config.batch_size, s.mesh.devices.size)
-  report_progress = periodic_actions.ReportProgress(
-      num_train_steps=s.total_steps, writer=writer, every_steps=config.log_every_steps)
-  last_saved = start if mngr.latest_step() is not None else None
-  results, pending, train_metrics = {}, None, None
-  t0, last_log_step = time.time(), start
+  # From here on SIGTERM/SIGINT only raise a flag that the loop reads after
+  # every step: a signal while the programs compile or the eval runs still
+  # ends the run at the next step boundary, with a checkpoint and exit code 75.
+  with _StopSignals() as stop, _completing(mngr, writer):
+    if state is None:
+      first = (_global_batch(data, next(train_batches(start_step=0)))
+               if config.model.wn_data_init else None)
+      state = init_state(s, first)
+    start = int(state.step)
+    log('Training %s (norm=%s) on %s: steps %d..%d of %d, %d steps/epoch, '
+        'global batch %d over %d devices.', config.model.name, config.model.norm,
+        s.info.name, start, s.total_steps, s.total_steps, s.steps_per_epoch,
+        config.batch_size, s.mesh.devices.size)
+    report_progress = periodic_actions.ReportProgress(
+        num_train_steps=s.total_steps, writer=writer, every_steps=config.log_every_steps)
+    last_saved = mngr.latest_step()
+    results, pending, train_metrics = {}, None, None
+    t0, last_log_step = time.time(), start
 
-  def ensure_finite(step, finite):
-    if not bool(finite):
-      where = (f'step {last_saved} in {mngr.directory}' if last_saved is not None
-               else 'none (no checkpoint was written yet)')
-      raise NonFiniteError(
-          f'loss or gradient is not finite at step {step}; last good checkpoint: '
-          f'{where}. Lower lr_schedule.base_lr, enable grad_clip, or set '
-          "on_nonfinite='skip'.")
+    def ensure_finite(step, finite):
+      if not bool(finite):
+        where = (f'step {last_saved} in {mngr.directory}' if last_saved is not None
+                 else 'none (no checkpoint was written yet)')
+        raise NonFiniteError(
+            f'loss or gradient is not finite at step {step}; last good checkpoint: '
+            f'{where}. Lower lr_schedule.base_lr, enable grad_clip, or set '
+            "on_nonfinite='skip'.")
 
-  with _StopSignals() as stop:
     batches = train_batches(start_step=start)
     for step in range(start, s.total_steps):
       batch = _global_batch(data, next(batches))
@@ -371,11 +401,12 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
       if config.on_nonfinite == 'stop':
         if pending is not None:
           ensure_finite(*pending)
-        pending = (done, finite)
+        pending = (step, finite)
 
       last = done == s.total_steps
       boundary = (done % config.log_every_steps == 0, done % s.eval_every_steps == 0,
                   done % config.checkpoint_every_steps == 0)
+      # Nothing is logged or saved past a non-finite step.
       if config.on_nonfinite == 'stop' and (any(boundary) or last):
         ensure_finite(*pending)
       report_progress(done)
@@ -400,15 +431,14 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
         writer.write_scalars(done, results)
         log('step %d  eval loss %.4f  top1 %.2f%%  top5 %.2f%%', done,
             results['eval/loss'], 100 * results['eval/top1'], 100 * results['eval/top5'])
+      # Asked after the eval, so a signal during it saves this very step.
       preempted = stop.requested()
+      if preempted and config.on_nonfinite == 'stop':
+        ensure_finite(*pending)
       if boundary[2] or last or preempted:
         checkpointing.save(mngr, done, state, force=True)
         last_saved = done
-      if preempted:
-        mngr.wait_until_finished()
-        writer.flush()
+      if preempted and not last:  # After the last step there is nothing to resume.
         raise Preempted(f'{stop.received or "a stop signal"} received: saved a '
                         f'checkpoint at step {done} in {mngr.directory}')
-  mngr.wait_until_finished()
-  writer.flush()
   return results

@@ -1,0 +1,176 @@
+"""The CLI turns bad input into one line on stderr and exit code 2, before
+anything compiles and without touching the workdir; the trainer's other
+outcomes map to the documented exit codes.
+
+All cases run in one child process (one import of JAX and TF, ~8 s), each a
+separate main.run(argv) with its stderr captured at the file descriptor, so
+anything TF, absl or JAX would print there counts too.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+CONFIG = '''
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.dataset = 'synthetic'
+  c.synthetic.update(image_size=16, num_classes=4, num_train=256, num_eval=10)
+  c.model.update(name='resnet18', norm='weight', width=8, stem='small')
+  c.batch_size = 16
+  c.num_train_steps = 40
+  c.grad_clip.update(mode='log', threshold=5.0, final_threshold=1.0)
+  return c
+'''
+
+# Runs each case as `python -m bnfree_jax.main ARGV` would; a case with
+# 'raises' replaces the training by that trainer exception.
+RUNNER = r'''
+import json, os, sys, tempfile, time
+from bnfree_jax import main, train
+
+results, real_train = {}, train.train_and_evaluate
+for name, case in json.load(open(sys.argv[1])).items():
+  def raising(config, workdir, error=case.get('raises')):
+    raise getattr(train, error)('the trainer says why')
+  train.train_and_evaluate = raising if case.get('raises') else real_train
+  start = time.time()
+  with tempfile.TemporaryFile('w+') as err:
+    sys.stderr.flush()
+    saved = os.dup(2)
+    os.dup2(err.fileno(), 2)
+    try:
+      code = main.run(['bnfree_jax.main', *case['argv']])
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+    err.seek(0)
+    results[name] = {'code': code, 'stderr': err.read(), 'seconds': time.time() - start}
+json.dump(results, open(sys.argv[2], 'w'))
+'''
+
+
+def snapshot(directory):
+  """Every file under directory with its content."""
+  return {os.path.relpath(os.path.join(d, f), directory): open(os.path.join(d, f), 'rb').read()
+          for d, _, files in os.walk(directory) for f in files}
+
+
+def existing_run(workdir, width):
+  """A workdir as an earlier run leaves it: config.json and a checkpoint."""
+  (workdir / 'checkpoints' / '8').mkdir(parents=True)
+  (workdir / 'checkpoints' / '8' / '_CHECKPOINT_METADATA').write_text('{}')
+  (workdir / 'config.json').write_text(json.dumps({
+      'dataset': 'synthetic', 'lr_schedule': {'base_lr': 0.1},
+      'model': {'name': 'resnet18', 'norm': 'weight', 'width': width, 'stem': 'small'}}))
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def cli(tmp_path_factory):
+  """(root, {case: (what the error line must name, result)}), every case run
+  in one child process. Workdirs under root/fresh must never be created."""
+  root = tmp_path_factory.mktemp('cli')
+  config = root / 'tiny.py'
+  config.write_text(CONFIG)
+  (root / 'broken.py').write_text('def get_config(:\n')
+  (root / 'badtype.py').write_text(CONFIG.replace('c.batch_size = 16', "c.batch_size = '16'"))
+  (root / 'empty_data_dir').mkdir()
+  (root / 'a_file').write_text('')
+  existing_run(root / 'other_model', width=16)
+  existing_run(root / 'same_model', width=8)
+
+  def argv(name, *overrides, config=config, workdir=None):
+    return ['--config', str(config), '--workdir', str(workdir or root / 'fresh' / name),
+            *overrides]
+
+  bad_input = {  # name: (argv, what the error line must name)
+      'unknown key': (argv('k', '--config.bach_size=8'), "unknown config key 'bach_size'"),
+      'unknown nested key': (argv('n', '--config.model.widht=8'), "unknown config key 'widht'"),
+      'wrong type': (argv('t', '--config.batch_size=abc'), '--config.batch_size=abc'),
+      'float for int': (argv('f', '--config.model.width=8.5'), '--config.model.width=8.5'),
+      'zero lr': (argv('z', '--config.lr_schedule.base_lr=0'), 'lr_schedule.base_lr=0.0 must be > 0'),
+      'negative lr': (argv('l', '--config.lr_schedule.base_lr=-0.1'),
+                      'lr_schedule.base_lr=-0.1 must be > 0'),
+      'batch vs devices': (argv('b', '--config.batch_size=6'),
+                           'batch_size=6 is not divisible by the 4 devices'),
+      'dropout 1': (argv('d', '--config.model.dropout_rate=1.0'), 'dropout_rate=1.0 must be in [0, 1)'),
+      'dropout < 0': (argv('e', '--config.model.dropout_rate=-0.1'),
+                      'dropout_rate=-0.1 must be in [0, 1)'),
+      'clip threshold': (argv('c', '--config.grad_clip.threshold=0'),
+                         'grad_clip.threshold=0.0 must be > 0'),
+      'bad choice': (argv('o', '--config.on_nonfinite=ignore'), "on_nonfinite='ignore'"),
+      'missing dataset': (argv('m', '--config.dataset=cifar10',
+                               f'--config.data_dir={root}/empty_data_dir'),
+                          f'cifar10: no prepared tfds copy under {root}/empty_data_dir'),
+      'partial distributed flags': (argv('p', '--num_processes=2'),
+                                    '--coordinator_address, --num_processes and --process_id'),
+      'missing config file': (argv('x', config=root / 'missing.py'), 'missing.py'),
+      'broken config file': (argv('y', config=root / 'broken.py'),
+                             'invalid syntax (broken.py, line 1)'),
+      'wrong type in config file': (argv('w', config=root / 'badtype.py'), "field 'batch_size'"),
+      'no workdir': (['--config', str(config)], '--config and --workdir are both required'),
+      'workdir under a file': (argv('u', workdir=root / 'a_file' / 'run'),
+                               f'workdir {root}/a_file/run cannot be created'),
+      'workdir of another model': (argv('a', workdir=root / 'other_model'),
+                                   f'workdir {root}/other_model holds a run with model.width=16, '
+                                   'not 8: use another --workdir'),
+      # Refused before the existing run's config.json is rewritten.
+      'bad value on an existing run': (argv('s', '--config.lr_schedule.base_lr=-1',
+                                            workdir=root / 'same_model'),
+                                       'lr_schedule.base_lr=-1.0 must be > 0'),
+  }
+  if os.geteuid() != 0:  # Root may write anywhere.
+    (root / 'read_only').mkdir(mode=0o555)
+    bad_input['read-only workdir'] = (argv('r', workdir=root / 'read_only'),
+                                      f'workdir {root}/read_only is not writable')
+  outcomes = {error: argv(error, workdir=root / error) for error in
+              ('InputError', 'NonFiniteError', 'Preempted')}
+  before = {d: snapshot(root / d) for d in ('other_model', 'same_model')}
+
+  cases = {name: {'argv': a} for name, (a, _) in bad_input.items()}
+  cases.update({name: {'argv': a, 'raises': name} for name, a in outcomes.items()})
+  (root / 'cases.json').write_text(json.dumps(cases))
+  proc = subprocess.run([sys.executable, '-c', RUNNER, root / 'cases.json', root / 'results.json'],
+                        cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr
+  results = json.loads((root / 'results.json').read_text())
+  assert {d: snapshot(root / d) for d in before} == before
+  return root, {name: (named, results[name]) for name, (_, named) in bad_input.items()}, {
+      name: results[name] for name in outcomes}
+
+
+def test_bad_input_is_one_line_and_exit_2_before_any_compilation(cli):
+  _, bad_input, _ = cli
+  for name, (named, result) in bad_input.items():
+    lines = result['stderr'].splitlines()
+    assert result['code'] == 2, (name, result)
+    assert len(lines) == 1 and lines[0].startswith('error: '), (name, result)
+    assert named in lines[0], (name, result)
+    assert result['seconds'] < 15, (name, result)  # The first case imports JAX and TF.
+
+
+def test_bad_input_touches_no_workdir(cli):
+  root, _, _ = cli
+  assert not (root / 'fresh').exists()
+  assert not (root / 'a_file' / 'run').exists()
+  # The existing runs' files, checked in the fixture right after the cases.
+
+
+def test_trainer_outcomes_map_to_exit_codes(cli):
+  _, _, outcomes = cli
+  assert {name: r['code'] for name, r in outcomes.items()} == {
+      'InputError': 2, 'NonFiniteError': 3, 'Preempted': 75}
+  assert outcomes['InputError']['stderr'] == 'error: the trainer says why\n'
+  assert outcomes['NonFiniteError']['stderr'] == 'error: the trainer says why\n'
+  assert 'the trainer says why' in outcomes['Preempted']['stderr']
+  assert 'error' not in outcomes['Preempted']['stderr']

@@ -1,0 +1,285 @@
+"""A run survives what ends real jobs: SIGKILL at any moment, preemption by
+SIGTERM/SIGINT (exit 75 after saving the current step, also when the signal
+comes while compiling or evaluating), a damaged newest checkpoint, and
+non-finite steps. Every resumed run is compared bit for bit with one
+uninterrupted reference run.
+
+Cost: one compilation (the reference, in-process); the CLI runs started here
+inherit JAX_NUM_CPU_DEVICES and the persistent compilation cache from
+conftest, so they load the very same programs.
+"""
+
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow as tf
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tensorboard.backend.event_processing import event_accumulator
+
+from bnfree_jax import input_pipeline, train
+from conftest import REPO
+
+STEPS, EVERY = 40, 8
+
+# The model and optimizer of test_train.tiny_config (same compiled programs),
+# as a file the CLI can load. It builds on configs/default.py only.
+TINY_CONFIG = f'''
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.dataset = 'synthetic'
+  c.synthetic.update(image_size=16, channels=3, num_classes=4, num_train=256, num_eval=10)
+  c.model.update(name='resnet18', norm='weight', width=8, stem='small', dropout_rate=0.1)
+  c.batch_size = 16
+  c.eval_batch_size = 4
+  c.num_train_steps = {STEPS}
+  c.lr_schedule.update(name='linear', base_lr=0.05, warmup_epochs=0.25,
+                       warmup_init_lr=0.01, end_lr=0.0)
+  c.grad_clip.update(mode='log', threshold=5.0, final_threshold=1.0)
+  c.log_every_steps = 10
+  c.histogram_every_steps = 20
+  c.checkpoint_every_steps = {EVERY}
+  c.eval_every_steps = 20
+  return c
+'''
+
+
+def load(path, **overrides):
+  spec = importlib.util.spec_from_file_location('tiny_config', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config.update_from_flattened_dict(overrides)
+  return config
+
+
+def steps(workdir):
+  """Steps of the finished checkpoints (orbax renames a save to its bare step
+  number only once it is complete)."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+
+
+def state_at(workdir, step):
+  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as mngr:
+    return jax.device_get(mngr.restore(step, args=ocp.args.StandardRestore()))
+
+
+def assert_same_state(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """(config file, workdir of the uninterrupted run on 4 devices)."""
+  root = tmp_path_factory.mktemp('reliability')
+  config_path = root / 'tiny.py'
+  config_path.write_text(TINY_CONFIG)
+  workdir = root / 'reference'
+  train.train_and_evaluate(load(config_path), str(workdir))
+  assert steps(workdir) == [24, 32, 40]
+  return config_path, workdir
+
+
+# ------------------------------------------------- real processes, signals ----
+
+
+def launch(config_path, workdir, log_path):
+  """`python -m bnfree_jax.main` on the config, as a user would start it."""
+  # The child inherits this count, so it compiles the reference's programs.
+  assert int(os.environ['JAX_NUM_CPU_DEVICES']) == jax.device_count()
+  log = open(log_path, 'w')
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'bnfree_jax.main', '--config', str(config_path),
+       '--workdir', str(workdir)],
+      cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+  log.close()
+  return proc
+
+
+def wait_for(condition, proc, log_path, timeout=240):
+  deadline = time.time() + timeout
+  while not condition():
+    if proc.poll() is not None or time.time() > deadline:
+      proc.kill()
+      pytest.fail(f'gave up waiting (exit code {proc.poll()}):\n{log_path.read_text()}')
+    time.sleep(0.02)
+
+
+def test_sigkill_then_sigterm_while_compiling_then_rerun_is_exact(reference, tmp_path):
+  config_path, reference_dir = reference
+  workdir = tmp_path / 'run'
+
+  # SIGKILL as soon as a checkpoint past step 0 is complete: the next async
+  # save may be half-written.
+  log1 = tmp_path / 'killed.log'
+  proc = launch(config_path, workdir, log1)
+  wait_for(lambda: steps(workdir), proc, log1)
+  proc.kill()
+  proc.wait()
+  killed_at = steps(workdir)[-1]
+  assert EVERY <= killed_at < STEPS, log1.read_text()
+
+  # The same command resumes from the newest complete checkpoint. SIGTERM as
+  # it starts, while the steps compile: it saves the first step it finishes,
+  # not a multiple of checkpoint_every_steps, and exits with 75.
+  log2 = tmp_path / 'preempted.log'
+  proc = launch(config_path, workdir, log2)
+  resumed = f'steps {killed_at}..{STEPS} of {STEPS}'
+  wait_for(lambda: resumed in log2.read_text(), proc, log2)
+  proc.send_signal(signal.SIGTERM)
+  assert proc.wait(timeout=240) == 75, log2.read_text()
+  out = log2.read_text()
+  assert f'SIGTERM received: saved a checkpoint at step {killed_at + 1}' in out, out
+  assert 'Traceback' not in out, out
+  assert steps(workdir)[-1] == killed_at + 1
+  leftovers = [d for d in os.listdir(workdir / 'checkpoints') if 'tmp' in d]
+  assert not leftovers, leftovers  # The killed save's directory was cleaned up.
+
+  # Rerunning to the end gives the uninterrupted run's state, bit for bit:
+  # parameters, optimizer state (LR and clip schedules), step counters.
+  train.train_and_evaluate(load(config_path), str(workdir))
+  assert_same_state(state_at(workdir, STEPS), state_at(reference_dir, STEPS))
+
+
+@pytest.fixture
+def sigint_guard():
+  """Should the trainer fail to catch SIGINT, this handler takes it instead of
+  KeyboardInterrupt ending the whole pytest session."""
+  caught = []
+  old = signal.signal(signal.SIGINT, lambda *_: caught.append('SIGINT'))
+  yield caught
+  signal.signal(signal.SIGINT, old)
+
+
+def test_sigint_during_eval_saves_that_step_and_resumes_exactly(
+    reference, tmp_path, monkeypatch, sigint_guard):
+  config_path, reference_dir = reference
+  real = input_pipeline.eval_batches
+
+  def eval_batches_then_sigint(config, **kw):
+    for i, batch in enumerate(real(config, **kw)):
+      if i == 1:  # Mid-way through the first eval, at step 20.
+        signal.raise_signal(signal.SIGINT)
+      yield batch
+  monkeypatch.setattr(input_pipeline, 'eval_batches', eval_batches_then_sigint)
+  with pytest.raises(train.Preempted, match='SIGINT received: saved a checkpoint at step 20 '):
+    train.train_and_evaluate(load(config_path), str(tmp_path))
+  assert not sigint_guard  # The trainer's own handler took it.
+  assert steps(tmp_path) == [8, 16, 20]
+
+  monkeypatch.setattr(input_pipeline, 'eval_batches', real)
+  train.train_and_evaluate(load(config_path), str(tmp_path))
+  assert_same_state(state_at(tmp_path, STEPS), state_at(reference_dir, STEPS))
+
+
+# -------------------------------------------------- damaged checkpoints ----
+
+
+def test_corrupt_newest_checkpoint_falls_back_and_is_kept(reference, tmp_path, caplog):
+  config_path, reference_dir = reference
+  workdir = tmp_path / 'run'
+  shutil.copytree(reference_dir, workdir)
+  newest = workdir / 'checkpoints' / str(STEPS)
+  data_files = [os.path.join(d, f) for d, _, fs in os.walk(newest) for f in fs
+                if f'{os.sep}d{os.sep}' in os.path.join(d, f)]
+  assert data_files
+  for f in data_files:  # Half-written array data, as after a full disk.
+    with open(f, 'r+b') as fh:
+      fh.truncate(os.path.getsize(f) // 2)
+  damaged = {f: open(f, 'rb').read() for f in data_files}
+
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(load(config_path), str(workdir))
+  messages = [r.getMessage() for r in caplog.records]
+  assert any(f'Checkpoint at step {STEPS} ' in m and 'cannot be read' in m
+             for m in messages), messages
+  # It resumed from step 32, the newest readable checkpoint, and trained to
+  # the end exactly as before; the damaged checkpoint is kept byte for byte.
+  assert any(f'steps 32..{STEPS} of {STEPS}' in m for m in messages), messages
+  assert steps(workdir) == [24, 32, 40]
+  assert_same_state(state_at(workdir, STEPS), state_at(reference_dir, STEPS))
+  aside = [d for d in os.listdir(workdir / 'checkpoints') if d.startswith(f'{STEPS}.corrupt-')]
+  assert len(aside) == 1
+  for f, content in damaged.items():
+    moved = f.replace(str(newest), str(workdir / 'checkpoints' / aside[0]))
+    assert open(moved, 'rb').read() == content
+
+
+# ---------------------------------------------------- non-finite steps ----
+
+
+def nan_batches_at(monkeypatch, bad_steps):
+  real = input_pipeline.train_batches
+
+  def train_batches(config, *, start_step, **kw):
+    for step, batch in enumerate(real(config, start_step=start_step, **kw), start_step):
+      if step in bad_steps:
+        batch = {**batch, 'image': np.full_like(batch['image'], np.nan)}
+      yield batch
+  monkeypatch.setattr(input_pipeline, 'train_batches', train_batches)
+
+
+def test_nonfinite_stop_names_step_and_last_checkpoint(reference, tmp_path, monkeypatch):
+  config_path, _ = reference
+  nan_batches_at(monkeypatch, {13})
+  with pytest.raises(train.NonFiniteError) as e:
+    train.train_and_evaluate(load(config_path), str(tmp_path))
+  message = str(e.value)
+  assert 'not finite at step 13;' in message, message
+  assert f'last good checkpoint: step 8 in {tmp_path}' in message, message
+  assert steps(tmp_path) == [8]
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state_at(tmp_path, 8)))
+
+
+def test_nonfinite_skip_counts_and_goes_on(reference, tmp_path, monkeypatch):
+  config_path, _ = reference
+  nan_batches_at(monkeypatch, {13, 25})
+  train.train_and_evaluate(load(config_path, on_nonfinite='skip'), str(tmp_path))
+  final = state_at(tmp_path, STEPS)
+  assert int(final['skipped']) == 2 and int(final['step']) == STEPS
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(final))
+  acc = event_accumulator.EventAccumulator(str(tmp_path),
+                                           size_guidance={event_accumulator.TENSORS: 0})
+  acc.Reload()
+  skipped = {e.step: float(tf.make_ndarray(e.tensor_proto))
+             for e in acc.Tensors('train/skipped_steps')}
+  assert skipped == {10: 0.0, 20: 1.0, 30: 2.0, 40: 2.0}  # Counted, never reset.
+
+
+def test_nonfinite_step_leaves_params_and_optimizer_untouched(reference):
+  """The compiled step itself, on the reference's step 24 and a batch of inf:
+  what on_nonfinite='skip' relies on (and 'stop' too: both modes share it)."""
+  config_path, reference_dir = reference
+  config = load(config_path)
+  s = train.setup(config)
+  replicated = NamedSharding(s.mesh, P())
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                          jax.eval_shape(lambda: train.init_state(s)))
+  with ocp.CheckpointManager(os.path.join(reference_dir, 'checkpoints')) as mngr:
+    state = mngr.restore(24, args=ocp.args.StandardRestore(abstract))
+  before = jax.device_get(state)  # The step donates state's buffers.
+  batch = next(input_pipeline.train_batches(config, start_step=24, local_batch_size=16,
+                                            process_index=0, process_count=1))
+  batch = {**batch, 'image': np.full_like(batch['image'], np.inf)}
+  new, _, finite = train.jit_train_step(s)(state, jax.device_put(batch, NamedSharding(s.mesh, P('data'))))
+  assert not bool(finite)
+  new = jax.device_get(new)
+  assert_same_state((new.params, new.batch_stats, new.opt_state),
+                    (before.params, before.batch_stats, before.opt_state))
+  assert (int(new.step), int(new.skipped)) == (25, int(before.skipped) + 1)
