@@ -77,8 +77,9 @@ def existing_run(workdir, width):
 
 @pytest.fixture(scope='module')
 def cli(tmp_path_factory):
-  """(root, {case: (what the error line must name, result)}), every case run
-  in one child process. Workdirs under root/fresh must never be created."""
+  """(root, {bad input: (what its error line must name, result)}, {trainer
+  error: result}), every case run once, all in one child process. No case
+  may create a workdir under root/fresh."""
   root = tmp_path_factory.mktemp('cli')
   config = root / 'tiny.py'
   config.write_text(CONFIG)
@@ -98,12 +99,14 @@ def cli(tmp_path_factory):
       'unknown nested key': (argv('n', '--config.model.widht=8'), "unknown config key 'widht'"),
       'wrong type': (argv('t', '--config.batch_size=abc'), '--config.batch_size=abc'),
       'float for int': (argv('f', '--config.model.width=8.5'), '--config.model.width=8.5'),
-      'zero lr': (argv('z', '--config.lr_schedule.base_lr=0'), 'lr_schedule.base_lr=0.0 must be > 0'),
+      'zero lr': (argv('z', '--config.lr_schedule.base_lr=0'),
+                  'lr_schedule.base_lr=0.0 must be > 0'),
       'negative lr': (argv('l', '--config.lr_schedule.base_lr=-0.1'),
                       'lr_schedule.base_lr=-0.1 must be > 0'),
       'batch vs devices': (argv('b', '--config.batch_size=6'),
                            'batch_size=6 is not divisible by the 4 devices'),
-      'dropout 1': (argv('d', '--config.model.dropout_rate=1.0'), 'dropout_rate=1.0 must be in [0, 1)'),
+      'dropout 1': (argv('d', '--config.model.dropout_rate=1.0'),
+                    'dropout_rate=1.0 must be in [0, 1)'),
       'dropout < 0': (argv('e', '--config.model.dropout_rate=-0.1'),
                       'dropout_rate=-0.1 must be in [0, 1)'),
       'clip threshold': (argv('c', '--config.grad_clip.threshold=0'),

@@ -125,11 +125,16 @@ def test_sigkill_then_sigterm_while_compiling_then_rerun_is_exact(reference, tmp
   config_path, reference_dir = reference
   workdir = tmp_path / 'run'
 
-  # SIGKILL as soon as a checkpoint past step 0 is complete: the next async
-  # save may be half-written.
+  # SIGKILL once a checkpoint past step 0 is complete, preferably while the
+  # next async save is half-written (orbax writes it to a tmp directory).
+  def saving_or_late():
+    done, directory = steps(workdir), workdir / 'checkpoints'
+    saving = directory.is_dir() and any('.orbax-checkpoint-tmp' in d for d in os.listdir(directory))
+    return done and (saving or done[-1] >= 3 * EVERY)
+
   log1 = tmp_path / 'killed.log'
   proc = launch(config_path, workdir, log1)
-  wait_for(lambda: steps(workdir), proc, log1)
+  wait_for(saving_or_late, proc, log1)
   proc.kill()
   proc.wait()
   killed_at = steps(workdir)[-1]
@@ -149,7 +154,7 @@ def test_sigkill_then_sigterm_while_compiling_then_rerun_is_exact(reference, tmp
   assert 'Traceback' not in out, out
   assert steps(workdir)[-1] == killed_at + 1
   leftovers = [d for d in os.listdir(workdir / 'checkpoints') if 'tmp' in d]
-  assert not leftovers, leftovers  # The killed save's directory was cleaned up.
+  assert not leftovers, leftovers  # A save the kill cut short was cleaned up.
 
   # Rerunning to the end gives the uninterrupted run's state, bit for bit:
   # parameters, optimizer state (LR and clip schedules), step counters.
@@ -167,9 +172,11 @@ def sigint_guard():
   signal.signal(signal.SIGINT, old)
 
 
-def test_sigint_during_eval_saves_that_step_and_resumes_exactly(
-    reference, tmp_path, monkeypatch, sigint_guard):
-  config_path, reference_dir = reference
+def test_sigint_during_eval_saves_that_step(reference, tmp_path, monkeypatch, sigint_guard):
+  """Ctrl-C while evaluating: no KeyboardInterrupt, but the step just
+  evaluated is saved and the run stops (resuming such a checkpoint exactly is
+  the SIGTERM test's part)."""
+  config_path, _ = reference
   real = input_pipeline.eval_batches
 
   def eval_batches_then_sigint(config, **kw):
@@ -182,10 +189,7 @@ def test_sigint_during_eval_saves_that_step_and_resumes_exactly(
     train.train_and_evaluate(load(config_path), str(tmp_path))
   assert not sigint_guard  # The trainer's own handler took it.
   assert steps(tmp_path) == [8, 16, 20]
-
-  monkeypatch.setattr(input_pipeline, 'eval_batches', real)
-  train.train_and_evaluate(load(config_path), str(tmp_path))
-  assert_same_state(state_at(tmp_path, STEPS), state_at(reference_dir, STEPS))
+  assert int(state_at(tmp_path, 20)['step']) == 20
 
 
 # -------------------------------------------------- damaged checkpoints ----
@@ -277,7 +281,8 @@ def test_nonfinite_step_leaves_params_and_optimizer_untouched(reference):
   batch = next(input_pipeline.train_batches(config, start_step=24, local_batch_size=16,
                                             process_index=0, process_count=1))
   batch = {**batch, 'image': np.full_like(batch['image'], np.inf)}
-  new, _, finite = train.jit_train_step(s)(state, jax.device_put(batch, NamedSharding(s.mesh, P('data'))))
+  batch = jax.device_put(batch, NamedSharding(s.mesh, P('data')))
+  new, _, finite = train.jit_train_step(s)(state, batch)
   assert not bool(finite)
   new = jax.device_get(new)
   assert_same_state((new.params, new.batch_stats, new.opt_state),
