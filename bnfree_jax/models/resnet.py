@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnfree_jax.models.layers import HE_INIT, WNConv
+from bnfree_jax.models.layers import HE_INIT, Dropout, WNConv
 
 NORMS = ('batch', 'weight', 'none')
 STEMS = ('imagenet', 'small')
@@ -43,7 +43,7 @@ class _Block(nn.Module):
     return self.normalize(x, 'proj_norm', train)
 
   def drop(self, y: jax.Array, train: bool) -> jax.Array:
-    return nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+    return Dropout(self.dropout_rate, deterministic=not train)(y)
 
 
 class BasicBlock(_Block):
@@ -136,7 +136,7 @@ class ResNet(nn.Module):
                       name=f'stage{i + 1}_block{j}')(x, train)
 
     x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = Dropout(self.dropout_rate, deterministic=not train)(x)
     # torchvision's nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head',
                  kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'))(x)

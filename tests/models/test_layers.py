@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnfree_jax.models import ResNet18, WNConv, data_dependent_init
+from bnfree_jax.models import Dropout, ResNet18, WNConv, data_dependent_init
 
 
 RNG = np.random.default_rng(0)
@@ -125,3 +125,45 @@ def test_data_dependent_init_needs_a_wnconv():
   variables = jax.eval_shape(lambda: model.init(KEY, x, train=False))
   with pytest.raises(ValueError, match='ResNet has no WNConv'):
     jax.eval_shape(lambda v: data_dependent_init(model, v, x), variables)
+
+
+@pytest.fixture(scope='module')
+def dropped():
+  """(x, Dropout(0.1) of x, nn.Dropout(0.1) of x), x of odd channel count."""
+  x = jax.random.normal(jax.random.key(0), (64, 8, 8, 65)) + 3.0
+  rngs = {'dropout': jax.random.key(1)}
+  ours = Dropout(0.1).apply({}, x, rngs=rngs)
+  flax_ = nn.Dropout(0.1, deterministic=False).apply({}, x, rngs=rngs)
+  return x, ours, flax_
+
+
+def test_dropout_keeps_and_scales_like_flax(dropped):
+  x, ours, flax_ = dropped
+  kept = np.asarray(ours) != 0
+  np.testing.assert_allclose(np.asarray(ours)[kept], np.asarray(x / 0.9)[kept], rtol=1e-6)
+  n = kept.size
+  # Keep rate 0.9 within 4 standard deviations, as flax's own mask.
+  for mask in (kept, np.asarray(flax_) != 0):
+    assert abs(mask.mean() - 0.9) < 4 * np.sqrt(0.09 / n), mask.mean()
+  # Both halves of every 32-bit draw are used, not correlated: channel pairs
+  # (2k, 2k+1) come from one draw and are kept together as often as chance says.
+  both = (kept[..., 0:64:2] & kept[..., 1:64:2]).mean()
+  assert abs(both - 0.81) < 4 * np.sqrt(0.81 * 0.19 / (n / 130)), both
+
+
+def test_dropout_off_is_identity_and_keys_differ():
+  x = jnp.ones((4, 6))
+  assert Dropout(0.1, deterministic=True).apply({}, x) is x
+  assert Dropout(0.0).apply({}, x, rngs={'dropout': jax.random.key(0)}) is x
+  a, b = (Dropout(0.5).apply({}, x, rngs={'dropout': jax.random.key(k)}) for k in (0, 1))
+  assert not np.array_equal(a, b)
+  assert set(np.unique(a)) <= {0.0, 2.0}
+
+
+def test_dropout_mask_independent_of_sharding(dropped):
+  x, ours, _ = dropped
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.make_mesh((jax.device_count(),), ('data',))
+  sharded = jax.device_put(x, NamedSharding(mesh, P('data')))
+  apply = jax.jit(lambda x: Dropout(0.1).apply({}, x, rngs={'dropout': jax.random.key(1)}))
+  np.testing.assert_array_equal(apply(sharded), ours)
