@@ -16,14 +16,23 @@ Input pipeline alone (images/s), beside the train step's consumption:
 
   python -m bnfree_jax.bench --input imagenet,fashion_mnist --batch-size 128 --seconds 20
 
-XLA:CPU flags, each in a fresh subprocess (flags are read at backend start):
+XLA:CPU settings, each in its own process (XLA reads its flags once, at
+backend start), the processes taking turns round by round with a default one:
 
-  python -m bnfree_jax.bench --sweep-cpu-flags --steps 5
+  python -m bnfree_jax.bench --sweep-cpu-flags --steps 8 \
+      [--cpu-flags='--xla_cpu_use_onednn=true;JAX_NUM_CPU_DEVICES=2']
+
+On a CPU host the step runs on one CPU device per core, as in the trainer
+(train.use_cpu_cores); JAX_NUM_CPU_DEVICES=1 measures a single device.
+
+Records carry the load average and the cores other processes kept busy: on a
+shared machine, read a ratio beside those.
 
 Exit codes: 0 done; 2 bad input, reported in one line naming the allowed values.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -45,11 +54,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 EXIT_BAD_INPUT = 2
 
 # Table 7's rows (vanilla; non-BN; + adaptive clipping; + dropout) and the
-# unnormalized network. Learning rates are the paper's for each family; they
-# do not change the work per step, only keep 12 steps on random data finite.
+# unnormalized network. Learning rates are the paper's for each row (Tables 1,
+# 5, Fig. 3a); they do not change the work per step, but keep the steps finite
+# (ResNet-50 WN without clipping diverges at 0.017, and NaNs are no benchmark).
 VARIANTS = {
     'batch': dict(norm='batch', base_lr=0.1),
-    'weight': dict(norm='weight', base_lr=0.017),
+    'weight': dict(norm='weight', base_lr=0.001),
     'weight_clip': dict(norm='weight', base_lr=0.017, clip=True),
     'weight_clip_dropout': dict(norm='weight', base_lr=0.017, clip=True, dropout_rate=0.1),
     'none': dict(norm='none', base_lr=1e-5),
@@ -121,6 +131,8 @@ def parse_variants(names, memory_options=False, remat=False, compute_dtype='floa
   """Variant names, validated and expanded ('weight' -> 'weight+remat', ...)."""
   if compute_dtype not in ('float32', 'bfloat16'):
     raise InputError(f'--compute-dtype {compute_dtype!r} is not one of: float32, bfloat16')
+  if not names:
+    raise InputError(f'--variants is empty; allowed: {", ".join(VARIANTS)}')
   out = []
   for name in names:
     base, *options = name.split('+')
@@ -141,6 +153,8 @@ def parse_variants(names, memory_options=False, remat=False, compute_dtype='floa
 
 def parse_models(names):
   from bnfree_jax import models
+  if not names:
+    raise InputError(f'--models is empty; allowed: {", ".join(models.MODELS)}')
   for name in names:
     if name not in models.MODELS:
       raise InputError(f'unknown model {name!r}; allowed: {", ".join(models.MODELS)}')
@@ -201,12 +215,9 @@ def _memory(compiled):
   m = compiled.memory_analysis()
   if m is None:
     return {}
-  out = dict(temp_bytes=m.temp_size_in_bytes, argument_bytes=m.argument_size_in_bytes,
-             output_bytes=m.output_size_in_bytes, alias_bytes=m.alias_size_in_bytes)
-  # The compiler's own peak estimate, where this jaxlib reports one.
-  peak = getattr(m, 'peak_memory_in_bytes', 0)
-  out['compiled_peak_bytes'] = peak if peak else None
-  return out
+  # (peak_memory_in_bytes is left out: XLA:CPU reports the arguments' size there.)
+  return dict(temp_bytes=m.temp_size_in_bytes, argument_bytes=m.argument_size_in_bytes,
+              output_bytes=m.output_size_in_bytes, alias_bytes=m.alias_size_in_bytes)
 
 
 def _prepare(run):
@@ -218,13 +229,18 @@ def _prepare(run):
 
   s = train.setup(run.config)
   run.state = train.init_state(s)
-  rng = np.random.default_rng(0)
-  batch = {'image': rng.normal(size=(run.config.batch_size, *s.info.image_shape)).astype(np.float32),
-           'label': rng.integers(s.info.num_classes, size=run.config.batch_size).astype(np.int32)}
+  rng, n = np.random.default_rng(0), run.config.batch_size
+  batch = {'image': rng.normal(size=(n, *s.info.image_shape)).astype(np.float32),
+           'label': rng.integers(s.info.num_classes, size=n).astype(np.int32)}
   run.batch = jax.device_put(batch, NamedSharding(s.mesh, P('data')))
   t0 = time.perf_counter()
   run.compiled = train.jit_train_step(s).lower(run.state, run.batch).compile()
-  run.record.update(compile_s=time.perf_counter() - t0, flops_per_step=_cost_flops(run.compiled),
+  # Both analyses describe the partitioned program of one device: FLOPs add
+  # up over the mesh, memory is what each device needs.
+  num_devices = s.mesh.devices.size
+  flops = _cost_flops(run.compiled)
+  run.record.update(compile_s=time.perf_counter() - t0, num_devices=num_devices,
+                    flops_per_step=flops * num_devices if flops else None,
                     **_memory(run.compiled))
 
 
@@ -244,9 +260,32 @@ def _step(run):
   return time.perf_counter() - t0
 
 
-def measure_steps(runs, steps, warmup):
+def _cpu_seconds():
+  """(wall, CPU seconds all cores were busy, CPU seconds of this process) so
+  far, or None where /proc/stat is missing (not Linux)."""
+  try:
+    with open('/proc/stat') as f:
+      jiffies = [int(x) for x in f.readline().split()[1:]]
+  except OSError:
+    return None
+  busy = (sum(jiffies) - jiffies[3] - jiffies[4]) / os.sysconf('SC_CLK_TCK')  # Not idle, iowait.
+  t = os.times()
+  return time.time(), busy, t.user + t.system + t.children_user + t.children_system
+
+
+def _other_cores(start, end):
+  """Cores that other processes kept busy on average between two _cpu_seconds():
+  the load average counts the bench itself, this does not."""
+  if not (start and end) or end[0] <= start[0]:
+    return None
+  return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0]))
+
+
+def measure_steps(runs, steps, warmup, gate=lambda: None):
   """Compiles every run, then times them round-robin: round r steps every run
-  once, so drifting machine load hits all variants alike. Fills run.record."""
+  once, so drifting machine load hits all variants alike. Fills run.record.
+  gate() is called before the compilations and before each round."""
+  gate()
   load_start = os.getloadavg()
   for i, run in enumerate(runs):
     _progress(f'compiling {i + 1}/{len(runs)}: {run.model} {run.variant}')
@@ -256,6 +295,7 @@ def measure_steps(runs, steps, warmup):
   # step goes in order of the compiler's footprint estimate, and the other
   # runs' resident buffers are subtracted. CPU keeps no statistics: n/a.
   footprint = lambda r: r.record.get('argument_bytes', 0) + r.record.get('temp_bytes', 0)
+  gate()
   for run in sorted(runs, key=footprint):
     before = _device_peak()
     run.times.append(_step(run))
@@ -266,8 +306,10 @@ def measure_steps(runs, steps, warmup):
       run.record['peak_bytes'] = after['peak_bytes_in_use'] - others
 
   rounds = warmup + steps
+  cpu_start = _cpu_seconds()
   t0 = time.perf_counter()
   for r in range(1, rounds):  # Round 0 was the first step above.
+    gate()
     # Alternate the order, so no variant always follows the same neighbour.
     for run in (runs if r % 2 else runs[::-1]):
       run.times.append(_step(run))
@@ -276,6 +318,7 @@ def measure_steps(runs, steps, warmup):
               f'of {len(runs)} variants, ETA {_duration(per_round * (rounds - 1 - r))}')
 
   load_end = os.getloadavg()
+  other_cores = _other_cores(cpu_start, _cpu_seconds())
   machine = _machine()
   for run in runs:
     timed = run.times[warmup:]
@@ -292,7 +335,8 @@ def measure_steps(runs, steps, warmup):
         step_time_ms_max=1e3 * max(timed), step_times_ms=[1e3 * t for t in timed],
         images_per_sec=c.batch_size / median,
         flops_per_sec=flops / median if flops else None, all_finite=run.finite,
-        load_avg_start=load_start[0], load_avg_end=load_end[0], **machine)
+        load_avg_start=load_start[0], load_avg_end=load_end[0], other_cpu_cores=other_cores,
+        **machine)
     # Free device memory before the next table is measured.
     run.compiled = run.state = run.batch = None
   for run in runs:
@@ -307,6 +351,10 @@ def measure_steps(runs, steps, warmup):
       run.record['ratio_to_batch_quartiles'] = (
           statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else [ratios[0]] * 2)
   return [run.record for run in runs]
+
+
+def _cores(value):
+  return 'n/a' if value is None else f'{value:.2f}'
 
 
 def _mb(value):
@@ -324,9 +372,11 @@ def markdown_table(records):
       f"variants interleaved. {first['device']}, jax {first['jax_version']}, "
       f"XLA_FLAGS={first['xla_flags'] or '(none)'}, load average "
       f"{first['load_avg_start']:.2f} -> {first['load_avg_end']:.2f} on "
-      f"{first['cpu_count']} CPUs.", '',
-      '| model | variant | step ms median [min–max] | img/s | × batch: median (quartiles) of per-round ratios | compile s '
-      '| GFLOPs/step | GFLOP/s | temp MB | argument MB | peak MB |',
+      f"{first['cpu_count']} CPUs (the bench included); other processes kept "
+      f"{_cores(first['other_cpu_cores'])} cores busy while the steps ran.", '',
+      '| model | variant | step ms median [min–max] | img/s | × batch: median (quartiles) of '
+      'per-round ratios | compile s | GFLOPs/step | GFLOP/s | temp MB/device '
+      '| argument MB/device | peak MB |',
       '|---|---|---|---|---|---|---|---|---|---|---|']
   for r in records:
     ratio = '—'
@@ -393,30 +443,23 @@ def measure_input(name, batch_size, seconds, num_jpegs=256):
   else:
     config = _load_config('fashion_mnist')
     source = 'IDX files' if input_pipeline._tfds_split(config, True) is None else 'tfds copy'
-    context = _NullContext()
+    context = contextlib.nullcontext()
   config.batch_size = batch_size
   with context:
     batches = input_pipeline.train_batches(config, start_step=0, local_batch_size=batch_size,
                                            process_index=0, process_count=1)
     for _ in range(2):
       batch = next(batches)
-    count, t0 = 0, time.perf_counter()
+    count, t0, cpu_start = 0, time.perf_counter(), _cpu_seconds()
     while time.perf_counter() - t0 < seconds:
       next(batches)
       count += 1
     elapsed = time.perf_counter() - t0
+    other_cores = _other_cores(cpu_start, _cpu_seconds())
   return dict(input=name, dataset=config.dataset, source=source, batch_size=batch_size,
               image_shape=list(batch['image'].shape[1:]), batches=count,
               seconds=elapsed, images_per_sec=count * batch_size / elapsed,
-              load_avg=os.getloadavg()[0])
-
-
-class _NullContext:
-  def __enter__(self):
-    return self
-
-  def __exit__(self, *exc):
-    return False
+              load_avg=os.getloadavg()[0], other_cpu_cores=other_cores)
 
 
 def _consumption(name, batch_size, image_size, steps_json):
@@ -426,7 +469,7 @@ def _consumption(name, batch_size, image_size, steps_json):
     with open(steps_json) as f:
       records = [r for r in json.load(f) if r['model'] == 'resnet18'
                  and r['image_size'] == image_size and r['dataset'] == 'synthetic']
-    pick = min(records, key=lambda r: r['images_per_sec'])  # The slowest variant.
+    pick = max(records, key=lambda r: r['images_per_sec'])  # The most demanding variant.
     return dict(what=f"resnet18 {pick['variant']}, batch {pick['batch_size']}, "
                 f"from {steps_json}", images_per_sec=pick['images_per_sec'])
   if name == 'imagenet':
@@ -443,92 +486,157 @@ def _consumption(name, batch_size, image_size, steps_json):
 
 def input_table(rows):
   lines = ['| input | source | batch | pipeline img/s | train step consumes img/s '
-           '| headroom | load avg |', '|---|---|---|---|---|---|---|']
+           '| headroom | load avg | other cores busy |', '|---|---|---|---|---|---|---|---|']
   for r in rows:
     lines.append(
         f"| {r['input']} | {r['source']} | {r['batch_size']} | {r['images_per_sec']:.0f} | "
         f"{r['consumption_images_per_sec']:.1f} ({r['consumption']}) | "
-        f"{r['images_per_sec'] / r['consumption_images_per_sec']:.1f}x | {r['load_avg']:.2f} |")
+        f"{r['images_per_sec'] / r['consumption_images_per_sec']:.1f}x | {r['load_avg']:.2f} | "
+        f"{_cores(r['other_cpu_cores'])} |")
   return '\n'.join(lines) + '\n'
 
 
 # -------------------------------------------------------- CPU flag sweep ----
 
 
-def _bench_subprocess(args, label, env, prefix):
-  """The train-step bench of args in a fresh process under env and prefix."""
-  with tempfile.NamedTemporaryFile(suffix='.json') as out:
-    cmd = [*prefix, sys.executable, '-m', 'bnfree_jax.bench', '--models', ','.join(args.models),
-           '--variants', ','.join(args.variants), '--batch-size', str(args.batch_size),
-           '--image-size', str(args.image_size), '--width', str(args.width),
-           '--steps', str(args.steps), '--warmup', str(args.warmup), '--json', out.name]
+class _Worker:
+  """A train-step bench in its own process, under its own XLA flags, that
+  does one phase (compile, then one round of steps) per 'go' on its stdin."""
+
+  def __init__(self, args, label, env, prefix):
+    self.label, self.error, self.records = label, None, []
+    self.setting = ' '.join([*(f'{k}={v}' for k, v in env.items()), *prefix]) or '(none)'
+    self.json = tempfile.NamedTemporaryFile(suffix='.json', delete=False).name
+    self.log = tempfile.TemporaryFile(mode='w+')
     full_env = {**os.environ, **env}
     if 'XLA_FLAGS' in env and os.environ.get('XLA_FLAGS'):
       full_env['XLA_FLAGS'] = f"{os.environ['XLA_FLAGS']} {env['XLA_FLAGS']}"
-    proc = subprocess.run(cmd, env=full_env, capture_output=True, text=True, cwd=REPO)
-    records = json.load(open(out.name)) if proc.returncode == 0 else []
-  error = None
-  if proc.returncode != 0:
-    tail = [line for line in proc.stderr.splitlines() if line.strip()]
-    error = f'rc={proc.returncode}: {tail[-1][:160] if tail else ""}'
-    _progress(f'  failed: {error}')
-  setting = ' '.join([*(f'{k}={v}' for k, v in env.items()), *prefix]) or '(none)'
-  return dict(label=label, setting=setting, error=error, records=records)
+    cmd = [*prefix, sys.executable, '-m', 'bnfree_jax.bench', '--lockstep',
+           '--models', ','.join(args.models), '--variants', ','.join(args.variants),
+           '--batch-size', str(args.batch_size), '--image-size', str(args.image_size),
+           '--width', str(args.width), '--steps', str(args.steps), '--warmup', str(args.warmup),
+           '--json', self.json]
+    self.proc = subprocess.Popen(cmd, env=full_env, cwd=REPO, text=True, stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, stderr=self.log)
+
+  def wait_ready(self):
+    """Blocks until the worker waits for its next 'go'; False if it died."""
+    for line in self.proc.stdout:
+      if line.strip() == _READY:
+        return True
+    self._fail()
+    return False
+
+  def go(self, last):
+    try:
+      self.proc.stdin.write('go\n')
+      self.proc.stdin.flush()
+    except BrokenPipeError:
+      return self._fail()
+    if not last:
+      return self.wait_ready()
+    self.proc.stdout.read()
+    if self.proc.wait() != 0:
+      return self._fail()
+    with open(self.json) as f:
+      self.records = json.load(f)
+    os.unlink(self.json)
+    return True
+
+  def _fail(self):
+    self.proc.wait()
+    self.log.seek(0)
+    tail = [line for line in self.log.read().splitlines() if line.strip()]
+    self.error = f'rc={self.proc.returncode}: {tail[-1][:160] if tail else ""}'
+    _progress(f'  {self.label} failed: {self.error}')
+    return False
 
 
-def sweep_cpu_flags(args, flag_sets, repeats=1):
-  """Runs the train-step bench once per flag set and pass, each in a fresh
-  process. Every pass starts and ends with a default run, and odd passes go
-  through the settings backwards, so slow drifts in machine load show up as
-  spread between the default runs rather than as an effect of a flag."""
+_READY = '@bench-ready'
+
+
+def _lockstep_gate():
+  """The worker's side of _Worker: say 'ready', then wait for 'go'."""
+  print(_READY, flush=True)
+  if not sys.stdin.readline():
+    sys.exit(1)  # The parent is gone.
+
+
+def sweep_cpu_flags(args, flag_sets, group_size=4):
+  """Measures the train step under each setting, interleaved with a default
+  run: XLA reads its flags once per process, so every setting gets its own
+  process, and the processes take turns, one round of steps each, so a change
+  in machine load (another job) hits a setting and its default alike. Settings
+  go in groups of group_size, each with its own default, to bound memory."""
   default, others = flag_sets[0], list(flag_sets[1:])
-  plan = []
-  for p in range(repeats):
-    plan += [default, *(others if p % 2 == 0 else others[::-1]), default]
   rows = []
-  for i, (label, env, prefix) in enumerate(plan):
-    _progress(f'run {i + 1}/{len(plan)}: {label} {env} {" ".join(prefix)}')
-    rows.append(_bench_subprocess(args, label, env, prefix))
+  for g in range(0, len(others), group_size):
+    group = [default, *others[g:g + group_size]]
+    _progress(f'group {g // group_size + 1}: {", ".join(label for label, _, _ in group)}')
+    cpu_start = _cpu_seconds()  # The workers count as this process's children.
+    workers = [_Worker(args, *setting) for setting in group]
+    alive = [w for w in workers if w.wait_ready()]
+    phases = 1 + args.warmup + args.steps  # Compile, then one phase per round.
+    t0 = time.perf_counter()
+    for phase in range(phases):
+      for w in (alive if phase % 2 == 0 else alive[::-1]):
+        if not w.error:
+          w.go(last=phase == phases - 1)
+      if phase:
+        left = (time.perf_counter() - t0) / (phase + 1) * (phases - 1 - phase)
+        _progress(f'  phase {phase + 1}/{phases} done, group ETA {_duration(left)}')
+    for w in workers:
+      w.proc.wait()
+    other_cores = _other_cores(cpu_start, _cpu_seconds())
+    base = workers[0]
+    for w in workers:
+      rows.append(dict(label=w.label, setting=w.setting, error=w.error,
+                       group=g // group_size, records=w.records, other_cpu_cores=other_cores,
+                       ratios=_ratios(w.records, base.records)))
   return rows
 
 
+def _ratios(records, base_records):
+  """Per (model, variant): per-round step time ratios to the default run."""
+  base = {(r['model'], r['variant']): r['step_times_ms'] for r in base_records}
+  return {f"{r['model']} {r['variant']}": [t / b for t, b in zip(r['step_times_ms'],
+                                                                 base[r['model'], r['variant']])]
+          for r in records if (r['model'], r['variant']) in base}
+
+
 def sweep_table(rows, threshold=0.03):
-  """Per setting, the best median step time over its runs (the one least
-  disturbed by other jobs), relative to the best default run. A setting helps
-  when faster by more than both 3% and the default runs' spread on every
-  variant."""
-  ms = lambda row: {(r['model'], r['variant']): r['step_time_ms'] for r in row['records']}
-  labels = list(dict.fromkeys(row['label'] for row in rows))
-  ok = {label: [ms(row) for row in rows if row['label'] == label and not row['error']]
-        for label in labels}
-  keys = list(ok[labels[0]][0])
-  best = {label: {k: min(run[k] for run in runs) for k in keys} for label, runs in ok.items()
-          if runs}
-  base = best[labels[0]]
-  noise = max((max(run[k] for run in ok[labels[0]]) / base[k] - 1) for k in keys)
-  floor = max(threshold, noise)
-  head = ' | '.join(f'{m} {v} ms (Δ)' for m, v in keys)
-  lines = [f'Best median step time per setting over its runs ({len(ok[labels[0]])} default '
-           f'runs, spread {100 * noise:.1f}%); a setting helps when faster than the best '
-           f'default by more than {100 * floor:.1f}% on every variant.', '',
-           f'| setting | environment | runs | {head} | compile s | load avg | verdict |',
-           '|---|---|---|' + '---|' * len(keys) + '---|---|---|']
-  for label in labels:
-    mine = [row for row in rows if row['label'] == label]
-    if label not in best:
-      lines.append(f"| {label} | {mine[0]['setting']} | 0 | " + ' | '.join(['—'] * len(keys))
-                   + f" | — | — | failed: {mine[0]['error']} |")
+  """Each setting's step time relative to the default run of its group: the
+  median and quartiles of per-round ratios. A setting helps when the median is
+  more than 3% faster and three rounds in four are faster, on every variant."""
+  keys = list(next(row['ratios'] for row in rows if not row['error']))
+  lines = [f'Step time relative to the default run of the same group, median '
+           f'(quartiles) of per-round ratios; {len(rows[0]["records"][0]["step_times_ms"])} '
+           'rounds, settings take turns within a round.', '',
+           f"| setting | environment | {' | '.join(f'{k} ms | {k} ratio' for k in keys)} "
+           '| compile s | load avg | other cores busy | verdict |',
+           '|---|---|' + '---|---|' * len(keys) + '---|---|---|---|']
+  for row in rows:
+    if row['error'] or not row['ratios']:
+      lines.append(f"| {row['label']} | {row['setting']} | " + ' | '.join(['—'] * 2 * len(keys))
+                   + f" | — | — | — | failed: {row['error']} |")
       continue
-    gains = [best[label][k] / base[k] - 1 for k in keys]
-    cells = [f'{best[label][k]:.0f} ({100 * g:+.1f}%)' for k, g in zip(keys, gains)]
-    good = [row for row in mine if not row['error']]
-    compile_s = statistics.median(sum(r['compile_s'] for r in row['records']) for row in good)
-    loads = [row['records'][0]['load_avg_start'] for row in good]
-    verdict = ('baseline' if label == labels[0] else
-               'helps' if all(g < -floor for g in gains) else
-               'hurts' if all(g > floor for g in gains) else 'no clear effect')
-    lines.append(f"| {label} | {mine[0]['setting']} | {len(good)} | {' | '.join(cells)} | "
-                 f"{compile_s:.0f} | {min(loads):.1f}–{max(loads):.1f} | {verdict} |")
+    cells, verdicts = [], []
+    for key in keys:
+      ratios = row['ratios'][key]
+      median = statistics.median(ratios)
+      q1, q3 = statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else (median, median)
+      ms = next(r['step_time_ms'] for r in row['records'] if f"{r['model']} {r['variant']}" == key)
+      cells.append(f'{ms:.0f} | {median:.2f} ({q1:.2f}–{q3:.2f})')
+      verdicts.append('helps' if median < 1 - threshold and q3 < 1 else
+                      'hurts' if median > 1 + threshold and q1 > 1 else 'no clear effect')
+    verdict = verdicts[0] if len(set(verdicts)) == 1 else 'mixed: ' + ', '.join(verdicts)
+    if row['label'] == 'default':
+      verdict = f"baseline of group {row['group'] + 1}"
+    compile_s = sum(r['compile_s'] for r in row['records'])
+    r0 = row['records'][0]
+    lines.append(f"| {row['label']} | {row['setting']} | {' | '.join(cells)} | {compile_s:.0f} | "
+                 f"{r0['load_avg_start']:.1f}–{r0['load_avg_end']:.1f} | "
+                 f"{_cores(row['other_cpu_cores'])} | {verdict} |")
   return '\n'.join(lines) + '\n'
 
 
@@ -558,16 +666,19 @@ def _parser():
                  'this bench JSON instead of measuring it')
   p.add_argument('--sweep-cpu-flags', action='store_true',
                  help='time the step under several XLA:CPU settings, each in a fresh process')
-  p.add_argument('--cpu-flags', help="(--sweep-cpu-flags) ';'-separated XLA_FLAGS strings, given as --cpu-flags='--xla_a=1;--xla_b=2' "
+  p.add_argument('--cpu-flags', help="(--sweep-cpu-flags) ';'-separated settings, each XLA "
+                 "flags and/or environment variables: --cpu-flags='--xla_a=1;NAME=2 --xla_b=3' "
                  'to try instead of the built-in list')
-  p.add_argument('--repeats', type=int, default=1,
-                 help='(--sweep-cpu-flags) passes over the settings, each between two default runs')
+  p.add_argument('--group-size', type=int, default=4,
+                 help='(--sweep-cpu-flags) settings whose processes run side by side '
+                 '(with a default one); each holds a compiled model in memory')
+  p.add_argument('--lockstep', action='store_true', help=argparse.SUPPRESS)
   return p
 
 
 def _validate(args):
   for key, minimum in (('steps', 1), ('warmup', 0), ('batch_size', 1), ('image_size', 1),
-                       ('width', 1), ('seconds', 0.1), ('repeats', 1)):
+                       ('width', 1), ('seconds', 0.1), ('group_size', 1)):
     if getattr(args, key) < minimum:
       raise InputError(f'--{key.replace("_", "-")}={getattr(args, key)} must be >= {minimum}')
   if args.input:
@@ -577,9 +688,29 @@ def _validate(args):
       raise InputError(f'unknown input {bad[0]!r}; allowed: {", ".join(INPUTS)}')
     return
   args.models = parse_models(_split(args.models))
+  args.flag_sets = CPU_FLAG_SETS
+  if args.cpu_flags:
+    args.flag_sets = (('default', {}, []),
+                      *(_flag_set(f) for f in args.cpu_flags.split(';') if f.strip()))
   default_variants = 'batch,weight' if args.sweep_cpu_flags else ','.join(VARIANTS)
   args.variants = parse_variants(_split(args.variants or default_variants),
                                  args.memory_options, args.remat, args.compute_dtype)
+
+
+def _flag_set(text):
+  """'--xla_a=1 NAME=V' -> (label, {'XLA_FLAGS': '--xla_a=1', 'NAME': 'V'}, [])."""
+  env, flags = {}, []
+  for token in shlex.split(text):
+    if token.startswith('--'):
+      flags.append(token)
+    elif '=' in token:
+      name, value = token.split('=', 1)
+      env[name] = value
+    else:
+      raise InputError(f'--cpu-flags item {token!r} is neither --xla_flag=value nor NAME=value')
+  if flags:
+    env['XLA_FLAGS'] = ' '.join(flags)
+  return text.strip(), env, []
 
 
 def _emit(args, text, records):
@@ -617,11 +748,7 @@ def main(argv=None) -> int:
     return 0
 
   if args.sweep_cpu_flags:
-    flag_sets = CPU_FLAG_SETS
-    if args.cpu_flags:
-      flag_sets = (('default', {}, []),
-                   *((f, {'XLA_FLAGS': f}, []) for f in args.cpu_flags.split(';') if f.strip()))
-    rows = sweep_cpu_flags(args, flag_sets, args.repeats)
+    rows = sweep_cpu_flags(args, args.flag_sets, args.group_size)
     if all(row['error'] for row in rows if row['label'] == 'default'):
       print(f'error: the default run failed: {rows[0]["error"]}', file=sys.stderr)
       return 1
@@ -631,7 +758,15 @@ def main(argv=None) -> int:
   runs = [_Run(model, variant, variant_config(model, variant, args.batch_size,
                                               args.image_size, args.width))
           for model in args.models for variant in args.variants]
-  records = measure_steps(runs, args.steps, args.warmup)
+  # A --lockstep worker of sweep_cpu_flags waits for its turn at each phase.
+  gate = _lockstep_gate if args.lockstep else (lambda: None)
+  from bnfree_jax import train
+  train.use_cpu_cores(args.batch_size)  # As the trainer does, unless JAX_NUM_CPU_DEVICES is set.
+  try:
+    records = measure_steps(runs, args.steps, args.warmup, gate)
+  except train.InputError as e:  # E.g. a batch the devices cannot split evenly.
+    print(f'error: {e}', file=sys.stderr)
+    return EXIT_BAD_INPUT
   _emit(args, markdown_table(records), records)
   return 0
 

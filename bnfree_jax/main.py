@@ -55,7 +55,8 @@ def _fail(code, message):
   return code
 
 
-def _initialize_distributed(fv):
+def _initialize_distributed(fv) -> bool:
+  """Joins a multi-process run if the flags or the launcher ask for one."""
   import jax
   # CPU processes talk through gloo; GPUs use NCCL regardless of this setting.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
@@ -67,6 +68,9 @@ def _initialize_distributed(fv):
     jax.distributed.initialize(*explicit)
   elif _launched_by_cluster():
     jax.distributed.initialize()
+  else:
+    return False
+  return True
 
 
 def run(argv=None) -> int:
@@ -97,7 +101,8 @@ def run(argv=None) -> int:
 
   from bnfree_jax import train  # Imports JAX and TF: after the flags are fine.
   try:
-    _initialize_distributed(fv)
+    if not _initialize_distributed(fv):
+      train.use_cpu_cores(config.batch_size, config.eval_batch_size)
     # Every check that needs no compilation, so a typo costs seconds.
     train.setup(config)
     train.prepare_workdir(config, workdir)

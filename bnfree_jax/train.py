@@ -70,6 +70,25 @@ class Setup:
   eval_every_steps: int
 
 
+def use_cpu_cores(*batch_sizes: int) -> int:
+  """Gives JAX's CPU backend one device per core, or the most cores that
+  split every batch evenly, unless JAX_NUM_CPU_DEVICES is set; returns the
+  CPU device count. Call before JAX starts its backends.
+
+  On XLA:CPU the trainer's step runs faster with the batch split over one
+  device per core than on a single device using all cores (ResNet-18, 2
+  cores: 8-15% less time per step, results/bench/). GPU and TPU hosts keep
+  their accelerators as jax.devices(), so it changes nothing there.
+  """
+  if 'JAX_NUM_CPU_DEVICES' in os.environ:
+    return int(os.environ['JAX_NUM_CPU_DEVICES'])
+  cores = len(os.sched_getaffinity(0))
+  sizes = [b for b in batch_sizes if isinstance(b, int) and b > 0]  # setup() rejects the rest.
+  n = max(d for d in range(1, cores + 1) if all(b % d == 0 for b in sizes))
+  jax.config.update('jax_num_cpu_devices', n)
+  return n
+
+
 def _check(ok, message):
   if not ok:
     raise InputError(message)

@@ -61,3 +61,28 @@ def test_bad_input_exits_2_with_one_line(argv, allowed, capsys):
   assert bench.main(argv) == 2
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and err.startswith('error:') and allowed in err
+
+
+def test_sweep_verdicts():
+  def row(label, ratios, error=None):
+    records = [] if error else [
+        dict(model='resnet18', variant=v, step_time_ms=1000 * r[0], step_times_ms=[1000.0] * 4,
+             compile_s=1.0, load_avg_start=1.0, load_avg_end=1.0) for v, r in ratios.items()]
+    return dict(label=label, setting='(none)', error=error, group=0, records=records,
+                other_cpu_cores=0.0,
+                ratios={f'resnet18 {v}': r for v, r in ratios.items()})
+  same = [1.0, 1.0, 1.0, 1.0]
+  table = bench.sweep_table([
+      row('default', {'batch': same, 'weight': same}),
+      row('fast', {'batch': [0.90, 0.92, 0.88, 0.95], 'weight': [0.9, 0.9, 0.9, 0.9]}),
+      row('noisy', {'batch': [0.80, 1.20, 0.85, 1.10], 'weight': [0.9, 1.1, 0.9, 1.1]}),
+      row('slow', {'batch': [1.2, 1.2, 1.3, 1.2], 'weight': [1.1, 1.1, 1.1, 1.1]}),
+      row('bad flag', {}, error='rc=1: Unknown flag'),
+  ])
+  verdicts = {line.split(' | ')[0].strip('| '): line.rsplit(' | ', 1)[1].strip(' |')
+              for line in table.splitlines() if line.startswith('| ') and '---' not in line}
+  assert verdicts['default'] == 'baseline of group 1'
+  assert verdicts['fast'] == 'helps'
+  assert verdicts['noisy'] == 'no clear effect'
+  assert verdicts['slow'] == 'hurts'
+  assert verdicts['bad flag'].startswith('failed: rc=1')

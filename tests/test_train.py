@@ -3,6 +3,8 @@ the result, resume is exact, the event file holds the promised tags, and eval
 scores every example once."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -143,3 +145,23 @@ def test_eval_counts_every_example_once(run4):
   assert run4[1]['eval/top1'] == pytest.approx(top1)
   assert run4[1]['eval/loss'] == pytest.approx(float(jnp.mean(
       jax.nn.logsumexp(logits, -1) - logits[np.arange(10), labels])), rel=1e-5)
+
+
+def test_use_cpu_cores_splits_batches_evenly_over_cores():
+  """In a fresh process (the backend must not have started), on a pretended
+  4-core host: the most devices <= 4 that divide every batch; JAX_NUM_CPU_DEVICES wins."""
+  code = """
+import os, jax
+os.sched_getaffinity = lambda pid: set(range(4))
+from bnfree_jax import train
+counts = [train.use_cpu_cores(*b) for b in [(6,), (6, 9), (7,), (12, -1)]]
+counts.append(train.use_cpu_cores(8, 4))
+print(counts, jax.device_count())
+os.environ['JAX_NUM_CPU_DEVICES'] = '3'
+print(train.use_cpu_cores(8), jax.device_count())
+"""
+  env = {k: v for k, v in os.environ.items() if k != 'JAX_NUM_CPU_DEVICES'}
+  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                       check=True).stdout.split('\n')
+  assert out[0] == '[3, 3, 1, 4, 4] 4'
+  assert out[1] == '3 4'  # Only reported: the backend already has its 4 devices.
