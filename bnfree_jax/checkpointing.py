@@ -8,6 +8,7 @@ aside (see restore_latest), never deleted.
 
 import datetime
 import logging
+import os
 
 import jax
 from etils import epath
@@ -88,6 +89,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state, *, force=False) -> bool:
   return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
 
 
-def abstract(state):
-  """Shape, dtype and sharding of every leaf: what restore needs to rebuild it."""
-  return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+def has_checkpoint(workdir) -> bool:
+  """Whether workdir/checkpoints holds a step directory, readable or not."""
+  directory = os.path.join(workdir, 'checkpoints')
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))

@@ -25,13 +25,29 @@ def per_example(logits, labels):
   )
 
 
+def _applied_average(name):
+  """Average of output `name` over the steps whose update was applied (output
+  `finite`): with on_nonfinite='skip', a skipped step's NaN stays out of it."""
+
+  @flax.struct.dataclass
+  class AppliedAverage(metrics.Average):
+
+    @classmethod
+    def from_model_output(cls, **outputs):
+      values = jnp.atleast_1d(outputs[name])
+      return super().from_model_output(
+          values, mask=jnp.broadcast_to(outputs['finite'], values.shape[:1]))
+
+  return AppliedAverage
+
+
 @flax.struct.dataclass
 class TrainMetrics(metrics.Collection):
-  loss: metrics.Average.from_output('loss')
-  top1: metrics.Average.from_output('top1')
-  top5: metrics.Average.from_output('top5')
-  grad_norm: metrics.Average.from_output('grad_norm')
-  clipped_fraction: metrics.Average.from_output('clipped')
+  loss: _applied_average('loss')
+  top1: _applied_average('top1')
+  top5: _applied_average('top5')
+  grad_norm: _applied_average('grad_norm')
+  clipped_fraction: _applied_average('clipped')
   learning_rate: metrics.LastValue.from_output('learning_rate')
   clip_threshold: metrics.LastValue.from_output('clip_threshold')
   param_norm: metrics.LastValue.from_output('param_norm')

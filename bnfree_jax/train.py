@@ -148,7 +148,11 @@ def _lookup(tree, dotted):
 
 
 def prepare_workdir(config, workdir):
-  """Refuses a workdir holding a different run, then writes config.json."""
+  """Refuses a workdir holding a different run, then writes config.json
+  (an eval-only run needs a checkpoint and leaves config.json as it is)."""
+  if config.eval_only:
+    _check(checkpointing.has_checkpoint(workdir),
+           f'workdir {workdir} has no checkpoint to evaluate (config.eval_only=True)')
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
@@ -163,7 +167,7 @@ def prepare_workdir(config, workdir):
       a, b = _lookup(old, key), _lookup(new, key)
       _check(a == b, f'workdir {workdir} holds a run with {key}={a!r}, not {b!r}: '
              'use another --workdir')
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and not config.eval_only:
     with open(path, 'w') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
@@ -227,7 +231,7 @@ def train_step(state: TrainState, batch, *, s: Setup):
   step_metrics = metrics.TrainMetrics.single_from_model_output(
       **per_example, grad_norm=grad_norm, clipped=(grad_norm > threshold).astype(jnp.float32),
       learning_rate=s.optimizer.learning_rate(state.step), clip_threshold=threshold,
-      param_norm=optax.tree.norm(new.params), skipped_steps=new.skipped)
+      param_norm=optax.tree.norm(new.params), skipped_steps=new.skipped, finite=finite)
   return new, step_metrics, finite
 
 

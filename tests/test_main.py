@@ -124,6 +124,8 @@ def cli(tmp_path_factory):
       'no workdir': (['--config', str(config)], '--config and --workdir are both required'),
       'workdir under a file': (argv('u', workdir=root / 'a_file' / 'run'),
                                f'workdir {root}/a_file/run cannot be created'),
+      'eval-only without a checkpoint': (argv('v', '--config.eval_only=True'),
+                                         f'workdir {root}/fresh/v has no checkpoint to evaluate'),
       'workdir of another model': (argv('a', workdir=root / 'other_model'),
                                    f'workdir {root}/other_model holds a run with model.width=16, '
                                    'not 8: use another --workdir'),

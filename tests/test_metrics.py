@@ -32,6 +32,22 @@ def test_eval_metrics_ignore_masked_rows():
   assert float(result['top5']) == pytest.approx(2 / 3)
 
 
+def test_train_metrics_average_only_applied_steps():
+  def step(loss, grad_norm, finite, skipped):
+    return metrics.TrainMetrics.single_from_model_output(
+        loss=jnp.array(loss), top1=jnp.array([1.0, 0.0]), top5=jnp.array([1.0, 1.0]),
+        grad_norm=jnp.array(grad_norm), clipped=jnp.array(float(grad_norm > 5)),
+        learning_rate=jnp.array(0.1), clip_threshold=jnp.array(5.0), param_norm=jnp.array(2.0),
+        skipped_steps=jnp.array(skipped), finite=jnp.array(finite))
+  got = step([1.0, 3.0], 2.0, True, 0).merge(step([jnp.nan, 1.0], jnp.inf, False, 1)).merge(
+      step([2.0, 2.0], 8.0, True, 1)).compute()
+  assert float(got['loss']) == pytest.approx(2.0)
+  assert float(got['grad_norm']) == pytest.approx(5.0)
+  assert float(got['clipped_fraction']) == pytest.approx(0.5)
+  assert float(got['top1']) == pytest.approx(0.5)
+  assert int(got['skipped_steps']) == 1
+
+
 def test_gradient_summaries_group_by_layer_and_stage():
   grads = {'stem_conv': {'v': jnp.full((3, 3, 1, 2), 2.0), 'g': jnp.ones(2)},
            'stage1_block0': {'conv1': {'v': jnp.full((2, 2), 1e-3)}},

@@ -264,6 +264,10 @@ def test_nonfinite_skip_counts_and_goes_on(reference, tmp_path, monkeypatch):
   skipped = {e.step: float(tf.make_ndarray(e.tensor_proto))
              for e in acc.Tensors('train/skipped_steps')}
   assert skipped == {10: 0.0, 20: 1.0, 30: 2.0, 40: 2.0}  # Counted, never reset.
+  # The skipped steps' NaNs stay out of the interval averages.
+  for tag in ('train/loss', 'train/top1', 'train/grad_norm'):
+    values = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+    assert len(values) == 4 and np.isfinite(values).all(), (tag, values)
 
 
 def test_nonfinite_step_leaves_params_and_optimizer_untouched(reference):
