@@ -28,7 +28,10 @@ def tiny_config(**overrides):
   c.batch_size = 16
   c.eval_batch_size = 4
   c.num_train_steps = STEPS
-  c.lr_schedule.update(base_lr=0.05, warmup_epochs=0.25, warmup_init_lr=0.01)
+  # At 0.1 the loss falls well within 40 steps and 1 vs 4 devices stay within
+  # 1e-7 at step 16; at 0.05 the trajectory is chaotic enough to amplify
+  # summation-order rounding to 1e-3 by then.
+  c.lr_schedule.update(base_lr=0.1, warmup_epochs=0.25, warmup_init_lr=0.01)
   c.grad_clip.update(mode='log', threshold=5.0, final_threshold=1.0)
   c.log_every_steps = 10
   c.histogram_every_steps = 20
@@ -87,10 +90,10 @@ def test_event_file_holds_promised_tags(run4):
   assert {'grad_log10_magnitude/stage1', 'grad_log10_magnitude/stem',
           'grad_log10_magnitude/head'} <= set(acc.Tags()['tensors'])
   assert 'grad_norm/stage1_block0/conv1' in values
-  # The logged LR is the one of the interval's last step: 0.05 after a
+  # The logged LR is the one of the interval's last step: 0.1 after a
   # 4-step warm-up, decaying linearly to 0 at step 40.
   lr = dict(values['train/learning_rate'])
-  assert lr[10] == pytest.approx(0.05 * (1 - 5 / 36))
+  assert lr[10] == pytest.approx(0.1 * (1 - 5 / 36))
   assert dict(values['train/epoch'])[20] == pytest.approx(1.25)
   assert 0.0 <= values['train/clipped_fraction'][0][1] <= 1.0
 
