@@ -63,10 +63,11 @@ def test_twins_build_with_the_rows_recipe(stem, arg):
   assert c.model.stem == 'small' and c.paper == full.paper
   for key in ('model.name', 'model.norm', 'model.dropout_rate', 'lr_schedule.name',
               'lr_schedule.base_lr', 'grad_clip.mode', 'grad_clip.threshold'):
-    assert c[key] == full[key], key
+    if not (stem, arg, key) == ('f3_unnormalized', 'small', 'lr_schedule.base_lr'):
+      assert c[key] == full[key], key
   if arg == 'small':
     assert (c.dataset, c.model.width, c.batch_size) == ('fashion_mnist', 16, 128)
-    # One budget for every row: 5 Fashion-MNIST epochs.
+    # One budget for every row: 2 Fashion-MNIST epochs.
     assert s.total_steps == 936 == c.num_epochs * s.steps_per_epoch
   else:
     assert (c.dataset, c.model.width, s.info.image_shape) == ('synthetic', 8, (16, 16, 3))
@@ -132,6 +133,8 @@ def test_spot_checks_against_the_paper():
 
   f3 = config('f3_unnormalized')
   assert (f3.model.norm, f3.lr_schedule.base_lr, f3.paper.val_top1) == ('none', 1e-5, None)
+  # Its twin takes the row's definition, the highest LR that does not diverge there.
+  assert config('f3_unnormalized', 'small').lr_schedule.base_lr == 0.03
 
 
 def test_unknown_twin_is_an_error():
