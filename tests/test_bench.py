@@ -86,3 +86,14 @@ def test_sweep_verdicts():
   assert verdicts['noisy'] == 'no clear effect'
   assert verdicts['slow'] == 'hurts'
   assert verdicts['bad flag'].startswith('failed: rc=1')
+
+
+def test_input_pipeline_rate_and_headroom():
+  """ImageNet-style decode + augment on JPEGs made in the test (tfds mock_data)."""
+  row = bench.measure_input('imagenet', 8, 1.0, num_jpegs=16)
+  assert row['input'] == 'imagenet' and row['batch_size'] == 8
+  assert '16 generated 500x375 JPEGs' in row['source']
+  assert row['images_per_sec'] > 8  # More than one batch in the timed second.
+  row.update(consumption='a step', consumption_images_per_sec=row['images_per_sec'] / 4,
+             load_avg=1.0, other_cpu_cores=0.0)
+  assert '| 4.0x |' in bench.input_table([row])
