@@ -58,7 +58,8 @@ def runs(tmp_path_factory):
   hists = [(s, {'grad_log10_magnitude/stage2': rng.normal(-3 + s / 400, 0.5, 2000),
                 'grad_log10_magnitude/stage1': rng.normal(-2, 0.5, 2000)})
            for s in range(0, 400, 50)]
-  wn_dir = _write_run(root / 'r18_wn', _config(train_top1=74.7, val_top1=65.1), order, hists)
+  wn_config = {**_config(train_top1=74.7, val_top1=65.1), 'dataset': 'imagenet2012'}
+  wn_dir = _write_run(root / 'r18_wn', wn_config, order, hists)
 
   # No paper section, no train/epoch (cifar10 at batch 500: 100 steps per
   # epoch), loss NaN at the end, minutes per epoch.
@@ -121,6 +122,13 @@ def test_results_table(runs):
   new, _ = _row(text, 'r18_new')
   assert new[6] == '10 / 0.10' and new[8] == '— / —' and new[9] == '— / 64.70'
   assert 'no eval yet' in new[11]
+
+
+def test_delta_to_the_paper_only_on_the_papers_dataset(runs):
+  wn = report.load_run(str(runs['wn']))
+  twin = wn._replace(name='twin', config={**wn.config, 'dataset': 'fashion_mnist'})
+  row = [c.strip() for c in report._results_table([twin]).splitlines()[-1].strip('|').split('|')]
+  assert row[8:11] == ['58.75 / 61.25', '74.70 / 65.10', '—']
 
 
 def test_perf_table_excludes_first_point(runs):
