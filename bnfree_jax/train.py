@@ -333,6 +333,16 @@ def evaluate(s: Setup, state, eval_fn):
   return {f'eval/{k}': float(v) for k, v in total.compute().items()}
 
 
+def _wait_for_all_processes(name):
+  """Returns once every process got here (up to 30 min). The first gloo
+  collective, which creates the CPU processes' gloo context, gives each
+  process 30 s to join, and on a busy host one process can start its run
+  more than that after another; the coordination service's barrier waits."""
+  if jax.process_count() > 1:
+    from jax._src import distributed  # The barrier has no public API.
+    distributed.global_state.client.wait_at_barrier(f'bnfree_jax_{name}', 30 * 60 * 1000)
+
+
 def _global_batch(sharding, local):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
@@ -358,7 +368,9 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
   summaries_fn = jax.jit(functools.partial(gradient_summaries, s=s),
                          out_shardings=replicated)
 
-  # State: the newest readable checkpoint, else a fresh initialization.
+  # State: the newest readable checkpoint, else a fresh initialization. The
+  # manager's start is the first collective of the run.
+  _wait_for_all_processes('start')
   mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints, every_steps=1)
   abstract = jax.eval_shape(lambda: init_state(s))
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
