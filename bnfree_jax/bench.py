@@ -735,6 +735,10 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return EXIT_BAD_INPUT
 
+  from bnfree_jax import train
+  if not args.sweep_cpu_flags:  # Its workers, bench processes themselves, do this.
+    train.use_cpu_cores(args.batch_size)  # As the trainer does, unless JAX_NUM_CPU_DEVICES is set.
+
   if args.input:
     rows = []
     for name in args.inputs:
@@ -760,8 +764,6 @@ def main(argv=None) -> int:
           for model in args.models for variant in args.variants]
   # A --lockstep worker of sweep_cpu_flags waits for its turn at each phase.
   gate = _lockstep_gate if args.lockstep else (lambda: None)
-  from bnfree_jax import train
-  train.use_cpu_cores(args.batch_size)  # As the trainer does, unless JAX_NUM_CPU_DEVICES is set.
   try:
     records = measure_steps(runs, args.steps, args.warmup, gate)
   except train.InputError as e:  # E.g. a batch the devices cannot split evenly.

@@ -77,7 +77,7 @@ def use_cpu_cores(*batch_sizes: int) -> int:
 
   On XLA:CPU the trainer's step runs faster with the batch split over one
   device per core than on a single device using all cores (ResNet-18, 2
-  cores: 8-15% less time per step, results/bench/). GPU and TPU hosts keep
+  cores: 9-18% less time per step, results/bench/). GPU and TPU hosts keep
   their accelerators as jax.devices(), so it changes nothing there.
   """
   if 'JAX_NUM_CPU_DEVICES' in os.environ:

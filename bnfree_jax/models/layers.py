@@ -64,9 +64,10 @@ class Dropout(nn.Module):
   about as much as all the weight normalization in a ResNet-18 step (bench:
   results/bench/investigation.md). Here one threefry draw serves two
   elements; an element is kept when its 16-bit uniform is below
-  round(keep * 2^16) (compared as <= that - 1, which fits in 16 bits), so the keep probability is exact to 2^-17. The draw is
-  jax.random.bits, whose partitionable threefry gives every element the same
-  bits however the batch is sharded.
+  round(keep * 2^16) (compared as <= that - 1, which fits in 16 bits), so
+  the keep probability is exact to 2^-17. The draw is jax.random.bits, whose
+  partitionable threefry gives every element the same bits however the batch
+  is sharded.
   """
 
   rate: float
