@@ -160,16 +160,23 @@ def prepare_workdir(config, workdir):
   _check(os.access(workdir, os.W_OK), f'workdir {workdir} is not writable')
   path = os.path.join(workdir, 'config.json')
   if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+    try:
+      with open(path) as f:
+        old = json.load(f)
+    except ValueError as e:
+      raise InputError(f'{path} is not valid JSON ({e}): fix or remove it, or use '
+                       'another --workdir') from e
     new = config.to_dict()
     for key in RUN_IDENTITY:
       a, b = _lookup(old, key), _lookup(new, key)
       _check(a == b, f'workdir {workdir} holds a run with {key}={a!r}, not {b!r}: '
              'use another --workdir')
   if jax.process_index() == 0 and not config.eval_only:
-    with open(path, 'w') as f:
+    # Written aside and renamed: the other processes read it meanwhile, and a
+    # half-written file would stop them with a JSON error.
+    with open(path + '.tmp', 'w') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + '.tmp', path)
 
 
 # ---------------------------------------------------------------- steps ----

@@ -89,6 +89,8 @@ def cli(tmp_path_factory):
   (root / 'a_file').write_text('')
   existing_run(root / 'other_model', width=16)
   existing_run(root / 'same_model', width=8)
+  existing_run(root / 'broken_run', width=8)
+  (root / 'broken_run' / 'config.json').write_text('{"dataset": ')
 
   def argv(name, *overrides, config=config, workdir=None):
     return ['--config', str(config), '--workdir', str(workdir or root / 'fresh' / name),
@@ -129,6 +131,8 @@ def cli(tmp_path_factory):
       'workdir of another model': (argv('a', workdir=root / 'other_model'),
                                    f'workdir {root}/other_model holds a run with model.width=16, '
                                    'not 8: use another --workdir'),
+      'workdir with a broken config.json': (argv('j', workdir=root / 'broken_run'),
+                                            f'{root}/broken_run/config.json is not valid JSON'),
       # Refused before the existing run's config.json is rewritten.
       'bad value on an existing run': (argv('s', '--config.lr_schedule.base_lr=-1',
                                             workdir=root / 'same_model'),
@@ -140,7 +144,7 @@ def cli(tmp_path_factory):
                                       f'workdir {root}/read_only is not writable')
   outcomes = {error: argv(error, workdir=root / error) for error in
               ('InputError', 'NonFiniteError', 'Preempted')}
-  before = {d: snapshot(root / d) for d in ('other_model', 'same_model')}
+  before = {d: snapshot(root / d) for d in ('other_model', 'same_model', 'broken_run')}
 
   cases = {name: {'argv': a} for name, (a, _) in bad_input.items()}
   cases.update({name: {'argv': a, 'raises': name} for name, a in outcomes.items()})
