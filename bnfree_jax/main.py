@@ -7,7 +7,9 @@ before anything is compiled; 3 the loss or gradient became non-finite;
 
 import logging
 import os
+import re
 import sys
+import traceback
 
 # TF serves input only: silence its start-up chatter.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -73,6 +75,27 @@ def _initialize_distributed(fv) -> bool:
   return True
 
 
+def _unknown_key(error) -> str:
+  """The error line for a key the locked config refused. A recipe's new key
+  comes as 'Key "k" does not exist and cannot be added since the config is
+  locked...', an override's as "'k'", either maybe wrapped in an
+  AttributeError and followed by a "Did you mean" line."""
+  e = error
+  while e.args and isinstance(e.args[0], Exception):
+    e = e.args[0]
+  message = str(e.args[0] if e.args else e)
+  hint = re.search(r'Did you mean "[^"]+" instead of "[^"]+"\?', message)
+  hint = hint[0] if hint else 'configs/default.py lists the keys'
+  in_recipe = re.search(r'Key "([^"]+)" does not exist', message)
+  if not in_recipe:
+    key = message.splitlines()[0].strip('\'"')
+    return f"unknown config key '{key}' in the --config.* overrides ({hint})"
+  # The line of the config file (or of a module it calls) that set the key.
+  line = [f for f in traceback.extract_tb(error.__traceback__)
+          if not re.search(r'/(ml_collections|absl)/', f.filename)][-1]
+  return f"unknown config key '{in_recipe[1]}' set at {line.filename}:{line.lineno} ({hint})"
+
+
 def run(argv=None) -> int:
   argv = sys.argv if argv is None else argv
   try:
@@ -82,13 +105,7 @@ def run(argv=None) -> int:
     config, workdir = fv.config, fv.workdir
     config.keys()  # config_flags defers a failure to load the file to here.
   except (AttributeError, KeyError) as e:  # A locked config refuses new keys.
-    # An AttributeError may wrap the KeyError whose message is the key, quoted,
-    # maybe followed by a "Did you mean" line.
-    while e.args and isinstance(e.args[0], Exception):
-      e = e.args[0]
-    key, *hint = str(e.args[0] if e.args else e).splitlines()
-    key, hint = key.strip('\'"'), ' '.join(hint) or 'configs/default.py lists the keys'
-    return _fail(EXIT_BAD_INPUT, f"unknown config key '{key}' in the --config.* overrides ({hint})")
+    return _fail(EXIT_BAD_INPUT, _unknown_key(e))
   except (flags.Error, ValueError, OSError, SyntaxError) as e:
     # The last line of a failed config load names the file and the cause.
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]

@@ -1,8 +1,9 @@
 """Shared defaults for every bnfree_jax recipe.
 
 Recipes import this file, call get_config() and change a few fields. Every key
-below is read by the trainer; an override of a key that is not here is an
-error (the config is locked).
+below is read by the trainer or the report tool. The config comes back
+locked: a key that is not here is an error, whether a recipe sets it or a
+--config.* override does, so a typo cannot go unnoticed.
 """
 
 import ml_collections
@@ -72,4 +73,7 @@ def get_config():
   c.on_nonfinite = 'stop'        # stop | skip
   c.remat = False                # jax.checkpoint around each residual block.
   c.compute_dtype = 'float32'    # float32 | bfloat16 (params stay float32).
+
+  c.paper = None  # configs/paper/: the paper's numbers for the row, for the report.
+  c.lock()
   return c

@@ -85,6 +85,9 @@ def cli(tmp_path_factory):
   config.write_text(CONFIG)
   (root / 'broken.py').write_text('def get_config(:\n')
   (root / 'badtype.py').write_text(CONFIG.replace('c.batch_size = 16', "c.batch_size = '16'"))
+  (root / 'typo.py').write_text(CONFIG.replace('c.model.update(name=', 'c.model.update(nmae='))
+  typo_line = CONFIG.splitlines().index("  c.model.update(name='resnet18', norm='weight', width=8, "
+                                        "stem='small')") + 1
   (root / 'empty_data_dir').mkdir()
   (root / 'a_file').write_text('')
   existing_run(root / 'other_model', width=16)
@@ -123,6 +126,9 @@ def cli(tmp_path_factory):
       'broken config file': (argv('y', config=root / 'broken.py'),
                              'invalid syntax (broken.py, line 1)'),
       'wrong type in config file': (argv('w', config=root / 'badtype.py'), "field 'batch_size'"),
+      'unknown key in the config file': (argv('g', config=root / 'typo.py'),
+                                         f"unknown config key 'nmae' set at {root}/typo.py:"
+                                         f'{typo_line} (Did you mean "name" instead of "nmae"?)'),
       'no workdir': (['--config', str(config)], '--config and --workdir are both required'),
       'workdir under a file': (argv('u', workdir=root / 'a_file' / 'run'),
                                f'workdir {root}/a_file/run cannot be created'),
