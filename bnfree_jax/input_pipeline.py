@@ -40,6 +40,7 @@ _IDX_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
               't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
 _DEBIAN_IDX_DIRS = {'fashion_mnist': '/usr/share/datasets/fashion-mnist'}
 _AUTOTUNE = tf.data.AUTOTUNE
+_PREFETCH_BATCHES = 2
 
 
 class DataNotFoundError(ValueError):
@@ -106,7 +107,7 @@ def train_batches(config, *, start_step: int, local_batch_size: int,
           lambda pos, ex: preprocess(ex, tf.stack([aug_key, pos])),
           num_parallel_calls=_AUTOTUNE, deterministic=True)
       ds = ds.batch(local_batch_size, drop_remainder=True)
-      yield from ds.prefetch(_AUTOTUNE).as_numpy_iterator()
+      yield from _numpy_batches(ds)
 
   return batches()
 
@@ -140,8 +141,17 @@ def eval_batches(config, *, local_batch_size: int, process_index: int,
       'label': tf.constant(0, tf.int32),
       'mask': tf.constant(False),
   }).repeat(num_batches * local_batch_size - real)
-  ds = ds.concatenate(padding).batch(local_batch_size)
-  return ds.prefetch(_AUTOTUNE).as_numpy_iterator()
+  return _numpy_batches(ds.concatenate(padding).batch(local_batch_size))
+
+
+def _numpy_batches(ds):
+  """The batches as numpy, prefetched, with tf.data's autotuning off: deleting
+  an autotuned iterator waits for its model thread to wake, which stalled the
+  trainer 9-21 s at the end of each epoch, eval and run. Off, the maps keep
+  their rate (python -m bnfree_jax.bench --input: README)."""
+  options = tf.data.Options()
+  options.autotune.enabled = False
+  return ds.prefetch(_PREFETCH_BATCHES).with_options(options).as_numpy_iterator()
 
 
 def permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
