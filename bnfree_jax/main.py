@@ -117,23 +117,27 @@ def run(argv=None) -> int:
     logging.getLogger(chatty).setLevel(logging.WARNING)
 
   from bnfree_jax import train  # Imports JAX and TF: after the flags are fine.
-  try:
-    if not _initialize_distributed(fv):
-      train.use_cpu_cores(config.batch_size, config.eval_batch_size)
-    # Every check that needs no compilation, so a typo costs seconds.
-    train.setup(config)
-    train.prepare_workdir(config, workdir)
-  except (ValueError, TypeError) as e:  # TypeError: a config value of the wrong type.
-    return _fail(EXIT_BAD_INPUT, str(e))
-  try:
-    train.train_and_evaluate(config, workdir)
-  except train.InputError as e:
-    return _fail(EXIT_BAD_INPUT, str(e))
-  except train.NonFiniteError as e:
-    return _fail(EXIT_NONFINITE, str(e))
-  except train.Preempted as e:
-    logging.info('%s', e)
-    return EXIT_PREEMPTED
+  # From here on SIGTERM/SIGINT only raise a flag, which the training loop
+  # reads: a signal while the processes meet, the state is restored or the
+  # programs compile still ends the run with a checkpoint and exit code 75.
+  with train.StopSignals() as stop:
+    try:
+      if not _initialize_distributed(fv):
+        train.use_cpu_cores(config.batch_size, config.eval_batch_size)
+      # Every check that needs no compilation, so a typo costs seconds.
+      train.setup(config)
+      train.prepare_workdir(config, workdir)
+    except (ValueError, TypeError) as e:  # TypeError: a config value of the wrong type.
+      return _fail(EXIT_BAD_INPUT, str(e))
+    try:
+      train.train_and_evaluate(config, workdir, stop=stop)
+    except train.InputError as e:
+      return _fail(EXIT_BAD_INPUT, str(e))
+    except train.NonFiniteError as e:
+      return _fail(EXIT_NONFINITE, str(e))
+    except train.Preempted as e:
+      logging.info('%s', e)
+      return EXIT_PREEMPTED
   return 0
 
 

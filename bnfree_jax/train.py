@@ -267,8 +267,10 @@ def eval_step(state: TrainState, batch, *, s: Setup):
 # ----------------------------------------------------------------- loop ----
 
 
-class _StopSignals:
-  """Turns SIGTERM/SIGINT into a flag the loop checks after each step."""
+class StopSignals:
+  """Turns SIGTERM/SIGINT into a flag the training loop checks after each
+  step, so that a signal at any moment ends the run at a step boundary, with a
+  checkpoint."""
 
   def __init__(self):
     self.received = None
@@ -354,14 +356,23 @@ def _global_batch(sharding, local):
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
 
 
-def train_and_evaluate(config, workdir: str, devices=None) -> dict:
+def train_and_evaluate(config, workdir: str, devices=None,
+                       stop: StopSignals | None = None) -> dict:
   """Trains (or, with config.eval_only, evaluates) the run in workdir,
   resuming from its newest readable checkpoint. Returns the last eval metrics.
 
   Raises InputError for a bad config, data or workdir; NonFiniteError when
   on_nonfinite='stop' meets a non-finite step; Preempted after SIGTERM/SIGINT,
-  once a checkpoint of the current step is saved.
+  once a checkpoint of the current step is saved. A signal while the state is
+  restored or the programs compile ends the run at the first step boundary.
+  stop: the flag of a caller that took the signals over earlier (main.py, from
+  its start); by default this call takes them over itself.
   """
+  with StopSignals() if stop is None else contextlib.nullcontext(stop) as stop:
+    return _train_and_evaluate(config, workdir, devices, stop)
+
+
+def _train_and_evaluate(config, workdir, devices, stop: StopSignals) -> dict:
   s = setup(config, devices)
   prepare_workdir(config, workdir)
   replicated, data = NamedSharding(s.mesh, P()), NamedSharding(s.mesh, P('data'))
@@ -399,10 +410,7 @@ def train_and_evaluate(config, workdir: str, devices=None) -> dict:
     log('step %d: %s', step, ' '.join(f'{k}={v:.4f}' for k, v in results.items()))
     return results
 
-  # From here on SIGTERM/SIGINT only raise a flag that the loop reads after
-  # every step: a signal while the programs compile or the eval runs still
-  # ends the run at the next step boundary, with a checkpoint and exit code 75.
-  with _StopSignals() as stop, _completing(mngr, writer):
+  with _completing(mngr, writer):
     if state is None:
       first = (_global_batch(data, next(train_batches(start_step=0)))
                if config.model.wn_data_init else None)

@@ -32,16 +32,23 @@ def get_config():
 '''
 
 # Runs each case as `python -m bnfree_jax.main ARGV` would; a case with
-# 'raises' replaces the training by that trainer exception.
+# 'raises' replaces the training by that trainer exception. In case
+# 'SIGTERM', the signal comes while main.py sets up, before any training.
 RUNNER = r'''
-import json, os, sys, tempfile, time
+import json, os, signal, sys, tempfile, time
 from bnfree_jax import main, train
 
-results, real_train = {}, train.train_and_evaluate
+results, real_train, real_setup = {}, train.train_and_evaluate, train.setup
 for name, case in json.load(open(sys.argv[1])).items():
-  def raising(config, workdir, error=case.get('raises')):
+  def raising(config, workdir, stop, error=case.get('raises')):
+    if error == 'SIGTERM':
+      raise train.Preempted(f'the trainer found {stop.received}')
     raise getattr(train, error)('the trainer says why')
+  def setup_then_sigterm(config):
+    real_setup(config)
+    signal.raise_signal(signal.SIGTERM)
   train.train_and_evaluate = raising if case.get('raises') else real_train
+  train.setup = setup_then_sigterm if case.get('raises') == 'SIGTERM' else real_setup
   start = time.time()
   with tempfile.TemporaryFile('w+') as err:
     sys.stderr.flush()
@@ -149,7 +156,7 @@ def cli(tmp_path_factory):
     bad_input['read-only workdir'] = (argv('r', workdir=root / 'read_only'),
                                       f'workdir {root}/read_only is not writable')
   outcomes = {error: argv(error, workdir=root / error) for error in
-              ('InputError', 'NonFiniteError', 'Preempted')}
+              ('InputError', 'NonFiniteError', 'Preempted', 'SIGTERM')}
   before = {d: snapshot(root / d) for d in ('other_model', 'same_model', 'broken_run')}
 
   cases = {name: {'argv': a} for name, (a, _) in bad_input.items()}
@@ -184,8 +191,10 @@ def test_bad_input_touches_no_workdir(cli):
 def test_trainer_outcomes_map_to_exit_codes(cli):
   _, _, outcomes = cli
   assert {name: r['code'] for name, r in outcomes.items()} == {
-      'InputError': 2, 'NonFiniteError': 3, 'Preempted': 75}
+      'InputError': 2, 'NonFiniteError': 3, 'Preempted': 75, 'SIGTERM': 75}
   assert outcomes['InputError']['stderr'] == 'error: the trainer says why\n'
   assert outcomes['NonFiniteError']['stderr'] == 'error: the trainer says why\n'
   assert 'the trainer says why' in outcomes['Preempted']['stderr']
   assert 'error' not in outcomes['Preempted']['stderr']
+  # A signal before the training loop is kept for it, not lost or fatal.
+  assert 'the trainer found SIGTERM' in outcomes['SIGTERM']['stderr']

@@ -26,7 +26,7 @@ import tensorflow as tf
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tensorboard.backend.event_processing import event_accumulator
 
-from bnfree_jax import input_pipeline, train
+from bnfree_jax import checkpointing, input_pipeline, train
 from conftest import REPO
 
 STEPS, EVERY = 40, 8
@@ -190,6 +190,23 @@ def test_sigint_during_eval_saves_that_step(reference, tmp_path, monkeypatch, si
   assert not sigint_guard  # The trainer's own handler took it.
   assert steps(tmp_path) == [8, 16, 20]
   assert int(state_at(tmp_path, 20)['step']) == 20
+
+
+def test_sigint_while_restoring_stops_at_the_first_step(reference, tmp_path, monkeypatch,
+                                                        sigint_guard):
+  """A signal before the loop (here: while the state is restored) is kept for
+  it: the run ends at its first step boundary, with a checkpoint."""
+  config_path, _ = reference
+  real = checkpointing.restore_latest
+
+  def sigint_then_restore(*args, **kwargs):
+    signal.raise_signal(signal.SIGINT)
+    return real(*args, **kwargs)
+  monkeypatch.setattr(checkpointing, 'restore_latest', sigint_then_restore)
+  with pytest.raises(train.Preempted, match='SIGINT received: saved a checkpoint at step 1 '):
+    train.train_and_evaluate(load(config_path), str(tmp_path))
+  assert not sigint_guard
+  assert steps(tmp_path) == [1]
 
 
 # -------------------------------------------------- damaged checkpoints ----
