@@ -75,8 +75,11 @@ def test_two_processes_train_exactly_like_one_process_with_two_devices(tmp_path)
   two = [start(f'two.{i}', 1, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
                f'--process_id={i}', JAX_ENABLE_COMPILATION_CACHE='false') for i in (0, 1)]
   one = start('one', 2)
-  for name, proc in (('two.0', two[0]), ('two.1', two[1]), ('one', one)):
-    assert proc.wait(timeout=500) == 0, (tmp_path / f'{name}.log').read_text()
+  names = ('two.0', 'two.1', 'one')
+  for name, proc in zip(names, (*two, one)):
+    # Every log: when one process fails, another may be the first to show it.
+    assert proc.wait(timeout=500) == 0, '\n'.join(
+        f'--- {n}.log\n' + (tmp_path / f'{n}.log').read_text() for n in names)
 
   # Bit for bit: the same sharded program, the same global batches.
   jax.tree.map(np.testing.assert_array_equal, numpy_state(tmp_path / 'two', STEPS),
