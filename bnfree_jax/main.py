@@ -124,11 +124,19 @@ def run(argv=None) -> int:
     try:
       if not _initialize_distributed(fv):
         train.use_cpu_cores(config.batch_size, config.eval_batch_size)
-      # Every check that needs no compilation, so a typo costs seconds.
-      train.setup(config)
-      train.prepare_workdir(config, workdir)
-    except (ValueError, TypeError) as e:  # TypeError: a config value of the wrong type.
+    except (ValueError, TypeError) as e:
       return _fail(EXIT_BAD_INPUT, str(e))
+    # Every check that needs no compilation, so a typo costs seconds, and one
+    # process's bad input (data missing on its host, say) stops all of them.
+    try:
+      train.setup(config)
+      train.check_workdir(config, workdir)
+      error = None
+    except (ValueError, TypeError) as e:  # TypeError: a config value of the wrong type.
+      error = str(e)
+    error = train.first_error_of_all_processes(error)
+    if error:
+      return _fail(EXIT_BAD_INPUT, error)
     try:
       train.train_and_evaluate(config, workdir, stop=stop)
     except train.InputError as e:

@@ -32,6 +32,8 @@ from bnfree_jax import checkpointing, input_pipeline, metrics, models, optim
 # parameters of another architecture, or mix two experiments in one log.
 RUN_IDENTITY = ('dataset', 'model.name', 'model.norm', 'model.width', 'model.stem')
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# How long the processes of a run wait for the slowest of them to start.
+_BARRIER_TIMEOUT_MS = 30 * 60 * 1000
 
 
 class InputError(ValueError):
@@ -150,6 +152,18 @@ def _lookup(tree, dotted):
 def prepare_workdir(config, workdir):
   """Refuses a workdir holding a different run, then writes config.json
   (an eval-only run needs a checkpoint and leaves config.json as it is)."""
+  check_workdir(config, workdir)
+  path = os.path.join(workdir, 'config.json')
+  if jax.process_index() == 0 and not config.eval_only:
+    # Written aside and renamed: the other processes read it meanwhile, and a
+    # half-written file would stop them with a JSON error.
+    with open(path + '.tmp', 'w') as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    os.replace(path + '.tmp', path)
+
+
+def check_workdir(config, workdir):
+  """Raises InputError unless workdir can hold this run; creates it."""
   if config.eval_only:
     _check(checkpointing.has_checkpoint(workdir),
            f'workdir {workdir} has no checkpoint to evaluate (config.eval_only=True)')
@@ -171,12 +185,6 @@ def prepare_workdir(config, workdir):
       a, b = _lookup(old, key), _lookup(new, key)
       _check(a == b, f'workdir {workdir} holds a run with {key}={a!r}, not {b!r}: '
              'use another --workdir')
-  if jax.process_index() == 0 and not config.eval_only:
-    # Written aside and renamed: the other processes read it meanwhile, and a
-    # half-written file would stop them with a JSON error.
-    with open(path + '.tmp', 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(path + '.tmp', path)
 
 
 # ---------------------------------------------------------------- steps ----
@@ -349,7 +357,23 @@ def _wait_for_all_processes(name):
   more than that after another; the coordination service's barrier waits."""
   if jax.process_count() > 1:
     from jax._src import distributed  # The barrier has no public API.
-    distributed.global_state.client.wait_at_barrier(f'bnfree_jax_{name}', 30 * 60 * 1000)
+    distributed.global_state.client.wait_at_barrier(f'bnfree_jax_{name}', _BARRIER_TIMEOUT_MS)
+
+
+def first_error_of_all_processes(error: str | None) -> str | None:
+  """This process's error, else another process's, else None. Every process
+  of a multi-process run must call it: a process that stopped alone would
+  leave the others waiting at their first barrier for minutes."""
+  if jax.process_count() == 1:
+    return error
+  from jax._src import distributed  # The key-value store has no public API.
+  client = distributed.global_state.client
+  client.key_value_set(f'bnfree_jax_input_error/{jax.process_index()}', error or '')
+  for i in range(jax.process_count()):
+    other = client.blocking_key_value_get(f'bnfree_jax_input_error/{i}', _BARRIER_TIMEOUT_MS)
+    if other and not error:
+      error = f'process {i}: {other}'
+  return error
 
 
 def _global_batch(sharding, local):

@@ -3,7 +3,8 @@
 Recipes import this file, call get_config() and change a few fields. Every key
 below is read by the trainer or the report tool. The config comes back
 locked: a key that is not here is an error, whether a recipe sets it or a
---config.* override does, so a typo cannot go unnoticed.
+--config.* override does, so a typo cannot go unnoticed. A new key belongs
+here, with a comment.
 """
 
 import ml_collections

@@ -95,3 +95,24 @@ def test_two_processes_train_exactly_like_one_process_with_two_devices(tmp_path)
   assert 'resnet18 (norm=batch)' in log0 and 'global batch 16 over 2 devices' in log0, log0
   assert f'step {STEPS}/{STEPS}' in log0, log0
   assert 'step ' not in log1, log1
+
+
+def test_bad_input_in_one_process_stops_all_at_once(tmp_path):
+  """Process 1 alone gets a batch size its 2 devices cannot split: both exit
+  2 before compiling, process 0 naming process 1's error, instead of process 0
+  waiting at its first barrier until the shutdown timeout."""
+  config = tmp_path / 'tiny.py'
+  config.write_text(CONFIG)
+  port = free_port()
+  procs = [subprocess.Popen(
+      [sys.executable, '-m', 'bnfree_jax.main', '--config', str(config),
+       '--workdir', str(tmp_path / 'run'), f'--coordinator_address=127.0.0.1:{port}',
+       '--num_processes=2', f'--process_id={i}', *(['--config.batch_size=15'] if i else [])],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={**os.environ, 'JAX_NUM_CPU_DEVICES': '1'}) for i in (0, 1)]
+  errors = [proc.communicate(timeout=120)[1] for proc in procs]
+  assert [proc.returncode for proc in procs] == [2, 2], errors
+  own = 'batch_size=15 is not divisible by the 2 devices'
+  assert errors[1].splitlines()[-1].startswith(f'error: {own}'), errors[1]
+  assert errors[0].splitlines()[-1].startswith(f'error: process 1: {own}'), errors[0]
+  assert not (tmp_path / 'run' / 'config.json').exists()
