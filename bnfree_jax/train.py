@@ -350,14 +350,20 @@ def evaluate(s: Setup, state, eval_fn):
   return {f'eval/{k}': float(v) for k, v in total.compute().items()}
 
 
+def _coordination_client():
+  """The client of jax.distributed's coordination service, whose barriers and
+  key-value store have no public API."""
+  from jax._src import distributed
+  return distributed.global_state.client
+
+
 def _wait_for_all_processes(name):
   """Returns once every process got here (up to 30 min). The first gloo
   collective, which creates the CPU processes' gloo context, gives each
   process 30 s to join, and on a busy host one process can start its run
   more than that after another; the coordination service's barrier waits."""
   if jax.process_count() > 1:
-    from jax._src import distributed  # The barrier has no public API.
-    distributed.global_state.client.wait_at_barrier(f'bnfree_jax_{name}', _BARRIER_TIMEOUT_MS)
+    _coordination_client().wait_at_barrier(f'bnfree_jax_{name}', _BARRIER_TIMEOUT_MS)
 
 
 def first_error_of_all_processes(error: str | None) -> str | None:
@@ -366,8 +372,7 @@ def first_error_of_all_processes(error: str | None) -> str | None:
   leave the others waiting at their first barrier for minutes."""
   if jax.process_count() == 1:
     return error
-  from jax._src import distributed  # The key-value store has no public API.
-  client = distributed.global_state.client
+  client = _coordination_client()
   client.key_value_set(f'bnfree_jax_input_error/{jax.process_index()}', error or '')
   for i in range(jax.process_count()):
     other = client.blocking_key_value_get(f'bnfree_jax_input_error/{i}', _BARRIER_TIMEOUT_MS)
