@@ -23,7 +23,7 @@ backend start), the processes taking turns round by round with a default one:
       [--cpu-flags='--xla_cpu_use_onednn=true;JAX_NUM_CPU_DEVICES=2']
 
 On a CPU host the step runs on one CPU device per core, as in the trainer
-(train.use_cpu_cores); JAX_NUM_CPU_DEVICES=1 measures a single device.
+(runtime.use_cpu_cores); JAX_NUM_CPU_DEVICES=1 measures a single device.
 
 Records carry the load average and the cores other processes kept busy: on a
 shared machine, read a ratio beside those.
@@ -50,8 +50,10 @@ import time
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
+from bnfree_jax import runtime  # noqa: E402
+from bnfree_jax.workdir import EXIT_BAD_INPUT, InputError  # noqa: E402
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-EXIT_BAD_INPUT = 2
 
 # Table 7's rows (vanilla; non-BN; + adaptive clipping; + dropout) and the
 # unnormalized network. Learning rates are the paper's for each row (Tables 1,
@@ -83,10 +85,6 @@ CPU_FLAG_SETS = (
     ('2 CPU devices', {'JAX_NUM_CPU_DEVICES': '2'}, []),
     ('1 core', {}, ['taskset', '-c', '0']),
 )
-
-
-class InputError(ValueError):
-  """A command-line value is unusable."""
 
 
 def _progress(message):
@@ -737,7 +735,7 @@ def main(argv=None) -> int:
 
   from bnfree_jax import train
   if not args.sweep_cpu_flags:  # Its workers, bench processes themselves, do this.
-    train.use_cpu_cores(args.batch_size)  # As the trainer does, unless JAX_NUM_CPU_DEVICES is set.
+    runtime.use_cpu_cores(args.batch_size)  # As the trainer does, unless JAX_NUM_CPU_DEVICES is set.
 
   if args.input:
     rows = []
@@ -766,7 +764,7 @@ def main(argv=None) -> int:
   gate = _lockstep_gate if args.lockstep else (lambda: None)
   try:
     records = measure_steps(runs, args.steps, args.warmup, gate)
-  except train.InputError as e:  # E.g. a batch the devices cannot split evenly.
+  except InputError as e:  # E.g. a batch the devices cannot split evenly.
     print(f'error: {e}', file=sys.stderr)
     return EXIT_BAD_INPUT
   _emit(args, markdown_table(records), records)

@@ -87,9 +87,3 @@ def _move_aside(mngr, steps):
 
 def save(mngr: ocp.CheckpointManager, step: int, state, *, force=False) -> bool:
   return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
-
-
-def has_checkpoint(workdir) -> bool:
-  """Whether workdir/checkpoints holds a step directory, readable or not."""
-  directory = os.path.join(workdir, 'checkpoints')
-  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))

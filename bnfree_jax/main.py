@@ -18,7 +18,9 @@ os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75
+from bnfree_jax.workdir import EXIT_BAD_INPUT  # noqa: E402
+
+EXIT_NONFINITE, EXIT_PREEMPTED = 3, 75
 
 
 def _flags(argv) -> flags.FlagValues:
@@ -44,35 +46,9 @@ def _flags(argv) -> flags.FlagValues:
   return fv
 
 
-def _launched_by_cluster():
-  """Whether a launcher whose environment jax.distributed.initialize() reads
-  itself (SLURM, Open MPI, or JAX's own variables) started several processes."""
-  return (int(os.environ.get('SLURM_NTASKS', 1)) > 1
-          or int(os.environ.get('OMPI_COMM_WORLD_SIZE', 1)) > 1
-          or 'JAX_COORDINATOR_ADDRESS' in os.environ)
-
-
 def _fail(code, message):
   print(f'error: {message}', file=sys.stderr)
   return code
-
-
-def _initialize_distributed(fv) -> bool:
-  """Joins a multi-process run if the flags or the launcher ask for one."""
-  import jax
-  # CPU processes talk through gloo; GPUs use NCCL regardless of this setting.
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  explicit = (fv.coordinator_address, fv.num_processes, fv.process_id)
-  if any(v is not None for v in explicit):
-    if any(v is None for v in explicit):
-      raise ValueError('--coordinator_address, --num_processes and --process_id '
-                       'go together: give all three or none')
-    jax.distributed.initialize(*explicit)
-  elif _launched_by_cluster():
-    jax.distributed.initialize()
-  else:
-    return False
-  return True
 
 
 def _unknown_key(error) -> str:
@@ -116,30 +92,31 @@ def run(argv=None) -> int:
   for chatty in ('jax', 'absl'):
     logging.getLogger(chatty).setLevel(logging.WARNING)
 
-  from bnfree_jax import train  # Imports JAX and TF: after the flags are fine.
+  from bnfree_jax import runtime, train, workdir as workdirs  # Imports JAX and TF: after the flags are fine.
   # From here on SIGTERM/SIGINT only raise a flag, which the training loop
   # reads: a signal while the processes meet, the state is restored or the
   # programs compile still ends the run with a checkpoint and exit code 75.
-  with train.StopSignals() as stop:
+  with runtime.StopSignals() as stop:
     try:
-      if not _initialize_distributed(fv):
-        train.use_cpu_cores(config.batch_size, config.eval_batch_size)
+      if not runtime.initialize_distributed(
+          fv.coordinator_address, fv.num_processes, fv.process_id):
+        runtime.use_cpu_cores(config.batch_size, config.eval_batch_size)
     except (ValueError, TypeError) as e:
       return _fail(EXIT_BAD_INPUT, str(e))
     # Every check that needs no compilation, so a typo costs seconds, and one
     # process's bad input (data missing on its host, say) stops all of them.
     try:
       train.setup(config)
-      train.check_workdir(config, workdir)
+      workdirs.check_workdir(config, workdir)
       error = None
     except (ValueError, TypeError) as e:  # TypeError: a config value of the wrong type.
       error = str(e)
-    error = train.first_error_of_all_processes(error)
+    error = runtime.first_error_of_all_processes(error)
     if error:
       return _fail(EXIT_BAD_INPUT, error)
     try:
       train.train_and_evaluate(config, workdir, stop=stop)
-    except train.InputError as e:
+    except workdirs.InputError as e:
       return _fail(EXIT_BAD_INPUT, str(e))
     except train.NonFiniteError as e:
       return _fail(EXIT_NONFINITE, str(e))

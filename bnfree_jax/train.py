@@ -26,18 +26,10 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bnfree_jax import checkpointing, input_pipeline, metrics, models, optim
+from bnfree_jax import checkpointing, input_pipeline, metrics, models, optim, runtime, workdir as workdirs
+from bnfree_jax.workdir import InputError
 
-# Settings a workdir's runs must share: resuming across them would load
-# parameters of another architecture, or mix two experiments in one log.
-RUN_IDENTITY = ('dataset', 'model.name', 'model.norm', 'model.width', 'model.stem')
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-# How long the processes of a run wait for the slowest of them to start.
-_BARRIER_TIMEOUT_MS = 30 * 60 * 1000
-
-
-class InputError(ValueError):
-  """A config value, the data or the workdir is unusable."""
 
 
 class NonFiniteError(RuntimeError):
@@ -70,25 +62,6 @@ class Setup:
   steps_per_epoch: int
   total_steps: int
   eval_every_steps: int
-
-
-def use_cpu_cores(*batch_sizes: int) -> int:
-  """Gives JAX's CPU backend one device per core, or the most cores that
-  split every batch evenly, unless JAX_NUM_CPU_DEVICES is set; returns the
-  CPU device count. Call before JAX starts its backends.
-
-  On XLA:CPU the trainer's step runs faster with the batch split over one
-  device per core than on a single device using all cores (ResNet-18, 2
-  cores: 9-18% less time per step, results/bench/). GPU and TPU hosts keep
-  their accelerators as jax.devices(), so it changes nothing there.
-  """
-  if 'JAX_NUM_CPU_DEVICES' in os.environ:
-    return int(os.environ['JAX_NUM_CPU_DEVICES'])
-  cores = len(os.sched_getaffinity(0))
-  sizes = [b for b in batch_sizes if isinstance(b, int) and b > 0]  # setup() rejects the rest.
-  n = max(d for d in range(1, cores + 1) if all(b % d == 0 for b in sizes))
-  jax.config.update('jax_num_cpu_devices', n)
-  return n
 
 
 def _check(ok, message):
@@ -142,49 +115,6 @@ def setup(config, devices=None) -> Setup:
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   return Setup(config, info, model, optimizer, mesh, steps_per_epoch,
                total_steps, eval_every)
-
-
-def _lookup(tree, dotted):
-  return functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None,
-                          dotted.split('.'), tree)
-
-
-def prepare_workdir(config, workdir):
-  """Refuses a workdir holding a different run, then writes config.json
-  (an eval-only run needs a checkpoint and leaves config.json as it is)."""
-  check_workdir(config, workdir)
-  path = os.path.join(workdir, 'config.json')
-  if jax.process_index() == 0 and not config.eval_only:
-    # Written aside and renamed: the other processes read it meanwhile, and a
-    # half-written file would stop them with a JSON error.
-    with open(path + '.tmp', 'w') as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
-    os.replace(path + '.tmp', path)
-
-
-def check_workdir(config, workdir):
-  """Raises InputError unless workdir can hold this run; creates it."""
-  if config.eval_only:
-    _check(checkpointing.has_checkpoint(workdir),
-           f'workdir {workdir} has no checkpoint to evaluate (config.eval_only=True)')
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise InputError(f'workdir {workdir} cannot be created: {e.strerror}') from e
-  _check(os.access(workdir, os.W_OK), f'workdir {workdir} is not writable')
-  path = os.path.join(workdir, 'config.json')
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        old = json.load(f)
-    except ValueError as e:
-      raise InputError(f'{path} is not valid JSON ({e}): fix or remove it, or use '
-                       'another --workdir') from e
-    new = config.to_dict()
-    for key in RUN_IDENTITY:
-      a, b = _lookup(old, key), _lookup(new, key)
-      _check(a == b, f'workdir {workdir} holds a run with {key}={a!r}, not {b!r}: '
-             'use another --workdir')
 
 
 # ---------------------------------------------------------------- steps ----
@@ -275,36 +205,6 @@ def eval_step(state: TrainState, batch, *, s: Setup):
 # ----------------------------------------------------------------- loop ----
 
 
-class StopSignals:
-  """Turns SIGTERM/SIGINT into a flag the training loop checks after each
-  step, so that a signal at any moment ends the run at a step boundary, with a
-  checkpoint."""
-
-  def __init__(self):
-    self.received = None
-    self._old = {}
-
-  def __enter__(self):
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def _handle(self, signum, frame):
-    del frame
-    self.received = signal.Signals(signum).name
-
-  def __exit__(self, *exc):
-    for sig, handler in self._old.items():
-      signal.signal(sig, handler)
-
-  def requested(self) -> bool:
-    # Every process must stop at the same step, or the collective save hangs.
-    flag = self.received is not None
-    if jax.process_count() > 1:
-      flag = bool(multihost_utils.process_allgather(jnp.asarray(flag)).any())
-    return flag
-
-
 @contextlib.contextmanager
 def _completing(mngr, writer):
   """However the loop ends, the checkpoint save in flight completes and the
@@ -323,15 +223,6 @@ def _writer(workdir):
   return metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
 
 
-def peak_memory_gb() -> float:
-  """Peak memory of the first local device, or of this process where the
-  backend keeps no statistics (CPU)."""
-  stats = jax.local_devices()[0].memory_stats()
-  if stats and 'peak_bytes_in_use' in stats:
-    return stats['peak_bytes_in_use'] / 2**30
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux.
-
-
 def _format_duration(seconds):
   seconds = int(seconds)
   return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s'
@@ -345,48 +236,13 @@ def evaluate(s: Setup, state, eval_fn):
   for local in input_pipeline.eval_batches(
       s.config, local_batch_size=eval_batch_size // jax.process_count(),
       process_index=jax.process_index(), process_count=jax.process_count()):
-    batch_metrics = eval_fn(state, _global_batch(data, local))
+    batch_metrics = eval_fn(state, runtime.global_array(data, local))
     total = batch_metrics if total is None else total.merge(batch_metrics)
   return {f'eval/{k}': float(v) for k, v in total.compute().items()}
 
 
-def _coordination_client():
-  """The client of jax.distributed's coordination service, whose barriers and
-  key-value store have no public API."""
-  from jax._src import distributed
-  return distributed.global_state.client
-
-
-def _wait_for_all_processes(name):
-  """Returns once every process got here (up to 30 min). The first gloo
-  collective, which creates the CPU processes' gloo context, gives each
-  process 30 s to join, and on a busy host one process can start its run
-  more than that after another; the coordination service's barrier waits."""
-  if jax.process_count() > 1:
-    _coordination_client().wait_at_barrier(f'bnfree_jax_{name}', _BARRIER_TIMEOUT_MS)
-
-
-def first_error_of_all_processes(error: str | None) -> str | None:
-  """This process's error, else another process's, else None. Every process
-  of a multi-process run must call it: a process that stopped alone would
-  leave the others waiting at their first barrier for minutes."""
-  if jax.process_count() == 1:
-    return error
-  client = _coordination_client()
-  client.key_value_set(f'bnfree_jax_input_error/{jax.process_index()}', error or '')
-  for i in range(jax.process_count()):
-    other = client.blocking_key_value_get(f'bnfree_jax_input_error/{i}', _BARRIER_TIMEOUT_MS)
-    if other and not error:
-      error = f'process {i}: {other}'
-  return error
-
-
-def _global_batch(sharding, local):
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local)
-
-
 def train_and_evaluate(config, workdir: str, devices=None,
-                       stop: StopSignals | None = None) -> dict:
+                       stop: runtime.StopSignals | None = None) -> dict:
   """Trains (or, with config.eval_only, evaluates) the run in workdir,
   resuming from its newest readable checkpoint. Returns the last eval metrics.
 
@@ -397,13 +253,13 @@ def train_and_evaluate(config, workdir: str, devices=None,
   stop: the flag of a caller that took the signals over earlier (main.py, from
   its start); by default this call takes them over itself.
   """
-  with StopSignals() if stop is None else contextlib.nullcontext(stop) as stop:
+  with runtime.StopSignals() if stop is None else contextlib.nullcontext(stop) as stop:
     return _train_and_evaluate(config, workdir, devices, stop)
 
 
-def _train_and_evaluate(config, workdir, devices, stop: StopSignals) -> dict:
+def _train_and_evaluate(config, workdir, devices, stop: runtime.StopSignals) -> dict:
   s = setup(config, devices)
-  prepare_workdir(config, workdir)
+  workdirs.prepare_workdir(config, workdir)
   replicated, data = NamedSharding(s.mesh, P()), NamedSharding(s.mesh, P('data'))
   local_batch_size = config.batch_size // jax.process_count()
   train_batches = functools.partial(
@@ -417,7 +273,7 @@ def _train_and_evaluate(config, workdir, devices, stop: StopSignals) -> dict:
 
   # State: the newest readable checkpoint, else a fresh initialization. The
   # manager's start is the first collective of the run.
-  _wait_for_all_processes('start')
+  runtime.wait_for_all_processes('start')
   mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints, every_steps=1)
   abstract = jax.eval_shape(lambda: init_state(s))
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
@@ -441,7 +297,7 @@ def _train_and_evaluate(config, workdir, devices, stop: StopSignals) -> dict:
 
   with _completing(mngr, writer):
     if state is None:
-      first = (_global_batch(data, next(train_batches(start_step=0)))
+      first = (runtime.global_array(data, next(train_batches(start_step=0)))
                if config.model.wn_data_init else None)
       state = init_state(s, first)
     start = int(state.step)
@@ -466,7 +322,7 @@ def _train_and_evaluate(config, workdir, devices, stop: StopSignals) -> dict:
 
     batches = train_batches(start_step=start)
     for step in range(start, s.total_steps):
-      batch = _global_batch(data, next(batches))
+      batch = runtime.global_array(data, next(batches))
       if step % config.histogram_every_steps == 0:
         norms, samples = summaries_fn(state, batch)
         writer.write_scalars(step, {f'grad_norm/{k}': v for k, v in norms.items()})
@@ -498,7 +354,7 @@ def _train_and_evaluate(config, workdir, devices, stop: StopSignals) -> dict:
         values.update({'train/epoch': done / s.steps_per_epoch,
                        'perf/images_per_sec': images_per_sec,
                        'perf/seconds_per_epoch': s.steps_per_epoch * dt / n,
-                       'perf/peak_memory_gb': peak_memory_gb()})
+                       'perf/peak_memory_gb': runtime.peak_memory_gb()})
         writer.write_scalars(done, values)
         log('step %d/%d  epoch %.2f  loss %.4f  top1 %.2f%%  %.1f img/s  ETA %s',
             done, s.total_steps, values['train/epoch'], values['train/loss'],

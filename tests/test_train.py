@@ -156,12 +156,12 @@ def test_use_cpu_cores_splits_batches_evenly_over_cores():
   code = """
 import os, jax
 os.sched_getaffinity = lambda pid: set(range(4))
-from bnfree_jax import train
-counts = [train.use_cpu_cores(*b) for b in [(6,), (6, 9), (7,), (12, -1)]]
-counts.append(train.use_cpu_cores(8, 4))
+from bnfree_jax import runtime
+counts = [runtime.use_cpu_cores(*b) for b in [(6,), (6, 9), (7,), (12, -1)]]
+counts.append(runtime.use_cpu_cores(8, 4))
 print(counts, jax.device_count())
 os.environ['JAX_NUM_CPU_DEVICES'] = '3'
-print(train.use_cpu_cores(8), jax.device_count())
+print(runtime.use_cpu_cores(8), jax.device_count())
 """
   env = {k: v for k, v in os.environ.items() if k != 'JAX_NUM_CPU_DEVICES'}
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
