@@ -22,6 +22,7 @@ class Optimizer(NamedTuple):
   learning_rate: optax.Schedule
   # None when no global-norm clipping is configured.
   clip_threshold: optax.Schedule | None
+  warmup_steps: int
 
 
 def _one_of(what, value, allowed):
@@ -43,6 +44,11 @@ def cyclic_triangular_schedule(min_lr: float, max_lr: float,
   return schedule
 
 
+def warmup_steps(cfg, steps_per_epoch: int) -> int:
+  """Steps of config.lr_schedule's linear warm-up."""
+  return int(round(cfg.warmup_epochs * steps_per_epoch))
+
+
 def learning_rate_schedule(cfg, steps_per_epoch: int,
                            total_steps: int) -> optax.Schedule:
   """The LR at each update count, from config.lr_schedule.
@@ -54,11 +60,10 @@ def learning_rate_schedule(cfg, steps_per_epoch: int,
   _positive('lr_schedule.base_lr', cfg.base_lr)
   if cfg.warmup_epochs < 0:
     raise ValueError(f'lr_schedule.warmup_epochs={cfg.warmup_epochs!r} must be >= 0')
-  warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
-  if warmup_steps >= total_steps:
-    raise ValueError(f'lr_schedule.warmup_epochs={cfg.warmup_epochs!r} leaves no '
-                     f'steps after the warm-up ({total_steps} steps in all)')
-  decay_steps = total_steps - warmup_steps
+  warmup = warmup_steps(cfg, steps_per_epoch)
+  # A run shorter than its warm-up (a smoke test of a recipe) only warms up:
+  # the LR rises at the recipe's rate for the whole run.
+  decay_steps = max(total_steps - warmup, 1)
   base = cfg.base_lr
 
   if cfg.name == 'constant':
@@ -72,7 +77,7 @@ def learning_rate_schedule(cfg, steps_per_epoch: int,
                                    staircase=True)
   elif cfg.name == 'step':
     main = optax.piecewise_constant_schedule(
-        base, {int(e * steps_per_epoch) - warmup_steps: cfg.step_factor
+        base, {int(e * steps_per_epoch) - warmup: cfg.step_factor
                for e in cfg.step_epochs})
   else:  # cyclic
     if not 0 <= cfg.min_lr < base:
@@ -81,10 +86,10 @@ def learning_rate_schedule(cfg, steps_per_epoch: int,
     main = cyclic_triangular_schedule(
         cfg.min_lr, base, max(1, int(round(cfg.cycle_epochs * steps_per_epoch))))
 
-  if warmup_steps == 0:
+  if warmup == 0:
     return main
-  warmup = optax.linear_schedule(cfg.warmup_init_lr, base, warmup_steps)
-  return optax.join_schedules([warmup, main], [warmup_steps])
+  rise = optax.linear_schedule(cfg.warmup_init_lr, base, warmup)
+  return optax.join_schedules([rise, main], [warmup])
 
 
 def clip_threshold_schedule(cfg, steps_per_epoch: int,
@@ -151,4 +156,4 @@ def create_optimizer(config, steps_per_epoch: int, total_steps: int,
       optax.add_decayed_weights(opt.weight_decay, mask=weight_decay_mask),
       momentum_sgd(lr, opt.momentum, opt.nesterov, opt.momentum_correction),
   )
-  return Optimizer(tx, lr, clip)
+  return Optimizer(tx, lr, clip, warmup_steps(config.lr_schedule, steps_per_epoch))

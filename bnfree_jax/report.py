@@ -9,7 +9,6 @@ its Figs. 2-9. Unfinished or diverged runs are reported with what they logged.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -21,10 +20,8 @@ from matplotlib.lines import Line2D
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-# Train split sizes, to turn steps into epochs when train/epoch is not logged;
-# the trainer's steps per epoch is num_train // batch_size.
-_NUM_TRAIN = {'imagenet2012': 1_281_167, 'cifar10': 50_000, 'cifar100': 50_000,
-              'mnist': 60_000, 'fashion_mnist': 60_000}
+from bnfree_jax import logs, workdir as workdirs
+
 _DPI = 110
 # File stem -> caption in report.md; {stage} is --hist-stage.
 _FIGURES = {
@@ -55,67 +52,78 @@ def _check_run_dir(run_dir):
     raise ReportError(f'run directory {run_dir} has no TensorBoard event files')
 
 
-def _read_tag(acc, tag):
-  """Steps and values of one tag. A resumed run logs again from its checkpoint
-  step, so a step at or below the last one seen drops the stale points after
-  it: EventAccumulator only purges on TF1 restart markers, which TF2 writers
-  never emit."""
-  steps, values = [], []
-  for event in acc.Tensors(tag):
-    while steps and steps[-1] >= event.step:
-      steps.pop()
-      values.pop()
-    steps.append(event.step)
-    values.append(tensor_util.make_ndarray(event.tensor_proto))
-  return steps, values
+def _keep_last_run(points):
+  """(step, value) points of one tag in the order written. A resumed run logs
+  again from its checkpoint step, so a step at or below the last one seen
+  drops the stale points after it: EventAccumulator only purges on TF1
+  restart markers, which newer writers never emit."""
+  kept = []
+  for step, value in points:
+    while kept and kept[-1][0] >= step:
+      kept.pop()
+    kept.append((step, value))
+  return kept
 
 
-def _steps_per_epoch(config, scalars):
-  if 'train/epoch' in scalars:
-    steps, epochs = scalars['train/epoch']
+def _histogram(proto):
+  """[k, 3] (left edge, right edge, count) of a HistogramProto (tensorboardX)."""
+  right = np.asarray(proto.bucket_limit, float)
+  left = np.concatenate([[proto.min], right[:-1]])
+  return np.stack([left, right, np.asarray(proto.bucket, float)], axis=1)
+
+
+def _tag_points(acc):
+  """{tag: (is_histogram, [(step, value)])} of the trainer's events (written
+  with tensorboardX) and of older runs' (tf.summary tensor summaries)."""
+  tags = acc.Tags()
+  points = {t: (False, [(e.step, e.value) for e in acc.Scalars(t)]) for t in tags['scalars']}
+  points.update({t: (True, [(e.step, _histogram(e.histogram_value))
+                            for e in acc.Histograms(t)]) for t in tags['histograms']})
+  for t in tags['tensors']:
+    histogram = acc.SummaryMetadata(t).plugin_data.plugin_name == 'histograms'
+    points[t] = (histogram, [(e.step, tensor_util.make_ndarray(e.tensor_proto))
+                             for e in acc.Tensors(t)])
+  return points
+
+
+def _steps_per_epoch(scalars):
+  if logs.EPOCH in scalars:
+    steps, epochs = scalars[logs.EPOCH]
     if (epochs > 0).any():
       return float(np.median(steps[epochs > 0] / epochs[epochs > 0]))
-  dataset, batch = config.get('dataset'), config.get('batch_size')
-  num_train = (config.get('synthetic', {}).get('num_train') if dataset == 'synthetic'
-               else _NUM_TRAIN.get(dataset))
-  return num_train // batch if num_train and batch and num_train >= batch else None
+  return None  # Nothing logged yet: figures fall back to steps.
 
 
 def load_run(run_dir) -> Run:
   """Every scalar and histogram tag of a run directory, and its config."""
   _check_run_dir(run_dir)
-  # Scalars and histograms of TF2 writers are both tensor summaries; 0 keeps all.
-  acc = event_accumulator.EventAccumulator(
-      run_dir, size_guidance={event_accumulator.TENSORS: 0})
+  # 0 keeps every point.
+  acc = event_accumulator.EventAccumulator(run_dir, size_guidance={
+      event_accumulator.TENSORS: 0, event_accumulator.SCALARS: 0,
+      event_accumulator.HISTOGRAMS: 0})
   acc.Reload()
   scalars, hists = {}, {}
-  for tag in acc.Tags()['tensors']:
-    steps, values = _read_tag(acc, tag)
-    if acc.SummaryMetadata(tag).plugin_data.plugin_name == 'histograms':
+  for tag, (histogram, points) in _tag_points(acc).items():
+    steps, values = zip(*_keep_last_run(points)) if points else ((), ())
+    if histogram:
       # Buckets with non-finite edges (log10 of a zero gradient) cannot be drawn.
       finite = [(s, h[np.isfinite(h).all(axis=1)]) for s, h in zip(steps, values)]
       hists[tag] = [(s, h) for s, h in finite if len(h)]
     else:
       scalars[tag] = (np.asarray(steps, float), np.asarray(values, float).reshape(-1))
-  config = {}
-  path = os.path.join(run_dir, 'config.json')
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        config = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ReportError(f'{path} is not valid JSON: {e}') from None
+  try:
+    config = workdirs.read_config(run_dir) or {}
+  except workdirs.InputError as e:
+    raise ReportError(str(e)) from None
   name = os.path.basename(os.path.normpath(run_dir))
-  return Run(name, config, scalars, hists, _steps_per_epoch(config, scalars))
+  return Run(name, config, scalars, hists, _steps_per_epoch(scalars))
 
 
 # ---------------------------------------------------------------- tables ----
 
 
 def _get(config, dotted, default='?'):
-  for key in dotted.split('.'):
-    config = config.get(key) if isinstance(config, dict) else None
-  return default if config is None else config
+  return workdirs.lookup(config, dotted, default)
 
 
 def _last(run, tag):
@@ -160,8 +168,8 @@ def _progress_cells(run):
   """'steps / epochs' and notes on what the run is missing or did wrong."""
   done = max((int(s[-1]) for s, _ in run.scalars.values() if len(s)), default=0)
   epochs = f'{done / run.steps_per_epoch:.2f}' if run.steps_per_epoch else '?'
-  notes = [] if 'eval/top1' in run.scalars else ['no eval yet']
-  for tag in ('train/loss', 'eval/loss'):
+  notes = [] if logs.tag(logs.EVAL, 'top1') in run.scalars else ['no eval yet']
+  for tag in (logs.tag(logs.TRAIN, 'loss'), logs.tag(logs.EVAL, 'loss')):
     if tag in run.scalars and not np.isfinite(run.scalars[tag][1]).all():
       steps, values = run.scalars[tag]
       notes.append(f'diverged: {tag} not finite at step {int(steps[~np.isfinite(values)][0])}')
@@ -182,7 +190,7 @@ def _results_table(runs):
   rows = [head + ['notes']]
   for run in runs:
     steps_epochs, notes = _progress_cells(run)
-    val = _last(run, 'eval/top1')
+    val = _last(run, logs.tag(logs.EVAL, 'top1'))
     row = [run.name, _get(run.config, 'model.name'), _get(run.config, 'model.norm'),
            _lr_cell(run.config), _clip_cell(run.config), _get(run.config, 'model.dropout_rate'),
            steps_epochs,
@@ -208,12 +216,12 @@ def _median_after_first(run, tag):
 def _perf_table(runs):
   rows = [['run', 'model', 'norm', 'time / epoch', 'images/s', 'peak memory (GB)']]
   for run in runs:
-    seconds = _median_after_first(run, 'perf/seconds_per_epoch')
+    seconds = _median_after_first(run, logs.SECONDS_PER_EPOCH)
     time_cell = ('—' if seconds is None else
                  f'{seconds / 60:.1f} min' if seconds > 120 else f'{seconds:.1f} s')
     rows.append([run.name, _get(run.config, 'model.name'), _get(run.config, 'model.norm'),
-                 time_cell, _fmt(_median_after_first(run, 'perf/images_per_sec'), digits=0),
-                 _fmt(_best(run, 'perf/peak_memory_gb'))])
+                 time_cell, _fmt(_median_after_first(run, logs.IMAGES_PER_SEC), digits=0),
+                 _fmt(_best(run, logs.PEAK_MEMORY_GB))])
   return _markdown(rows)
 
 
@@ -267,7 +275,7 @@ def _cell_edges(x):
 def _histogram_figure(runs, axis, stage):
   """Paper Fig. 3: log10 |g| of one stage over training, one heatmap per run,
   on a common y range so runs compare."""
-  tag = f'grad_log10_magnitude/{stage}'
+  tag = logs.tag(logs.GRAD_HISTOGRAM, stage)
   ncols = min(len(runs), 2)
   fig, axes = _figure(runs, ncols, math.ceil(len(runs) / ncols))
   fig.suptitle(f'log10 |gradient| of {stage} over training (colour: count)')
@@ -302,25 +310,25 @@ def write_figures(runs, out_dir, hist_stage='stage2'):
   figures = {}
 
   fig, (a, b) = _figure(runs, 2)
-  _plot(a, runs, 'train/loss', axis, 'Training loss', 'cross-entropy')
-  _plot(b, runs, 'eval/loss', axis, 'Validation loss', 'cross-entropy')
+  _plot(a, runs, logs.tag(logs.TRAIN, 'loss'), axis, 'Training loss', 'cross-entropy')
+  _plot(b, runs, logs.tag(logs.EVAL, 'loss'), axis, 'Validation loss', 'cross-entropy')
   figures['loss'] = fig
 
   fig, (a, b) = _figure(runs, 2)
-  _plot(a, runs, 'train/top1', axis, 'Training top-1', 'top-1 (%)', scale=100)
-  _plot(b, runs, 'eval/top1', axis, 'Validation top-1', 'top-1 (%)', scale=100)
+  _plot(a, runs, logs.tag(logs.TRAIN, 'top1'), axis, 'Training top-1', 'top-1 (%)', scale=100)
+  _plot(b, runs, logs.tag(logs.EVAL, 'top1'), axis, 'Validation top-1', 'top-1 (%)', scale=100)
   figures['accuracy'] = fig
 
   figures['grad_histograms'] = _histogram_figure(runs, axis, hist_stage)
 
   fig, (a, b) = _figure(runs, 2)
-  _plot(a, runs, 'train/learning_rate', axis, 'Learning rate', 'learning rate')
-  _plot(b, runs, 'train/clip_threshold', axis, 'Gradient clipping threshold', 'global norm')
+  _plot(a, runs, logs.tag(logs.TRAIN, 'learning_rate'), axis, 'Learning rate', 'learning rate')
+  _plot(b, runs, logs.tag(logs.TRAIN, 'clip_threshold'), axis, 'Gradient clipping threshold', 'global norm')
   figures['schedules'] = fig
 
   fig, (a,) = _figure(runs, 1, height=4.0)
-  _plot(a, runs, 'train/grad_norm', axis, 'Gradient global norm (dashed: clip threshold)',
-        'global norm', log=True, dashed_tag='train/clip_threshold')
+  _plot(a, runs, logs.tag(logs.TRAIN, 'grad_norm'), axis, 'Gradient global norm (dashed: clip threshold)',
+        'global norm', log=True, dashed_tag=logs.tag(logs.TRAIN, 'clip_threshold'))
   figures['grad_norms'] = fig
 
   for name, fig in figures.items():

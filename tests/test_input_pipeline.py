@@ -24,7 +24,8 @@ def _config(**overrides):
 
 def _train(config, n, start_step=0, local_batch_size=8, process_index=0,
            process_count=1):
-  it = ip.train_batches(config, start_step=start_step,
+  steps_per_epoch = ip.dataset_info(config).num_train // (local_batch_size * process_count)
+  it = ip.train_batches(config, steps_per_epoch=steps_per_epoch, start_step=start_step,
                         local_batch_size=local_batch_size,
                         process_index=process_index,
                         process_count=process_count)
@@ -180,7 +181,7 @@ def test_missing_mnist_names_every_place_looked(tmp_path):
   assert os.path.join(str(tmp_path), 'mnist') in message
   assert 'tfds build mnist' in message and 'train-images-idx3-ubyte.gz' in message
   with pytest.raises(ip.DataNotFoundError):
-    next(ip.train_batches(config, start_step=0, local_batch_size=8,
+    next(ip.train_batches(config, steps_per_epoch=1, start_step=0, local_batch_size=8,
                           process_index=0, process_count=1))
 
 
@@ -197,11 +198,14 @@ def test_bad_arguments():
                      'imagenet2012, cifar10, cifar100, mnist, fashion_mnist'):
     ip.dataset_info(_config(dataset='foo'))
   with pytest.raises(ValueError, match='local_batch_size=0'):
-    ip.train_batches(_config(), start_step=0, local_batch_size=0,
+    ip.train_batches(_config(), steps_per_epoch=1, start_step=0, local_batch_size=0,
                      process_index=0, process_count=1)
-  with pytest.raises(ValueError, match='not fill one global batch'):
-    ip.train_batches(_config(), start_step=0, local_batch_size=64,
+  with pytest.raises(ValueError, match='steps_per_epoch=0 must be > 0'):
+    ip.train_batches(_config(), steps_per_epoch=0, start_step=0, local_batch_size=64,
                      process_index=0, process_count=2)
+  with pytest.raises(ValueError, match=r'process_index=2 is not in \[0, process_count=2\)'):
+    ip.train_batches(_config(), steps_per_epoch=1, start_step=0, local_batch_size=8,
+                     process_index=2, process_count=2)
 
 
 def test_reads_the_default_config_layout(default_config):

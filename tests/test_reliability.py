@@ -299,7 +299,8 @@ def test_nonfinite_step_leaves_params_and_optimizer_untouched(reference):
   with ocp.CheckpointManager(os.path.join(reference_dir, 'checkpoints')) as mngr:
     state = mngr.restore(24, args=ocp.args.StandardRestore(abstract))
   before = jax.device_get(state)  # The step donates state's buffers.
-  batch = next(input_pipeline.train_batches(config, start_step=24, local_batch_size=16,
+  batch = next(input_pipeline.train_batches(config, steps_per_epoch=s.steps_per_epoch,
+                                            start_step=24, local_batch_size=16,
                                             process_index=0, process_count=1))
   batch = {**batch, 'image': np.full_like(batch['image'], np.inf)}
   batch = jax.device_put(batch, NamedSharding(s.mesh, P('data')))

@@ -5,9 +5,8 @@ import math
 
 import numpy as np
 import pytest
-from clu import metric_writers
 
-from bnfree_jax import report
+from bnfree_jax import logs, report
 
 FIGURES = ('loss', 'accuracy', 'grad_histograms', 'schedules', 'grad_norms')
 
@@ -16,7 +15,7 @@ def _write_run(run_dir, config, scalars, hists=()):
   """scalars: [(step, {tag: value})]; hists: [(step, {tag: samples})]."""
   run_dir.mkdir()
   (run_dir / 'config.json').write_text(json.dumps(config))
-  writer = metric_writers.SummaryWriter(str(run_dir))
+  writer = logs.Writer(str(run_dir))
   for step, values in scalars:
     writer.write_scalars(step, values)
   for step, arrays in hists:
@@ -61,9 +60,9 @@ def runs(tmp_path_factory):
   wn_config = {**_config(train_top1=74.7, val_top1=65.1), 'dataset': 'imagenet2012'}
   wn_dir = _write_run(root / 'r18_wn', wn_config, order, hists)
 
-  # No paper section, no train/epoch (cifar10 at batch 500: 100 steps per
-  # epoch), loss NaN at the end, minutes per epoch.
+  # No paper section, loss NaN at the end, minutes per epoch.
   bn = [(s, {'train/loss': loss, 'train/top1': 0.2 * s / 100, 'train/learning_rate': 0.1,
+             'train/epoch': s / 100,
              'train/grad_norm': 1.0, 'perf/seconds_per_epoch': sec,
              'perf/images_per_sec': 50.0, 'perf/peak_memory_gb': 7.0})
         for s, loss, sec in [(100, 2.3, 5000.0), (200, 2.0, 300.0), (300, 1.9, 330.0),
@@ -78,7 +77,7 @@ def runs(tmp_path_factory):
 
   # Just started: one train point, no eval, no histograms.
   new_dir = _write_run(root / 'r18_new', _config(train_top1=None, val_top1=64.7),
-                       [(10, {'train/loss': 6.9, 'train/top1': 0.001})])
+                       [(10, {'train/loss': 6.9, 'train/top1': 0.001, 'train/epoch': 0.1})])
   out = root / 'out' / 'nested'
   path = report.write_report([str(wn_dir), str(bn_dir), str(new_dir)], str(out))
   return dict(wn=wn_dir, bn=bn_dir, new=new_dir, out=out, path=path,
@@ -100,7 +99,7 @@ def test_load_run_reads_scalars_histograms_and_resumes(runs):
   step, hist = run.hists['grad_log10_magnitude/stage2'][0]
   assert step == 0 and hist.shape[1] == 3 and hist[:, 2].sum() == 2000
   bn = report.load_run(str(runs['bn']))
-  assert bn.steps_per_epoch == 100  # From cifar10's 50,000 / batch 500.
+  assert bn.steps_per_epoch == 100
   assert math.isnan(bn.scalars['train/loss'][1][-1])
 
 

@@ -11,10 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import tensorflow as tf
-from tensorboard.backend.event_processing import event_accumulator
 
-from bnfree_jax import input_pipeline, train
+from bnfree_jax import input_pipeline, report, train
 from conftest import load_config
 
 STEPS = 40
@@ -53,11 +51,10 @@ def flat(tree):
 
 
 def scalars(workdir):
-  acc = event_accumulator.EventAccumulator(
-      workdir, size_guidance={event_accumulator.TENSORS: 0})
-  acc.Reload()
-  return acc, {tag: [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
-                for tag in acc.Tags()['tensors'] if not tag.startswith('grad_log10')}
+  """The run as the report reads it, and {tag: [(step, value)]} of its scalars."""
+  run = report.load_run(workdir)
+  return run, {tag: list(zip(steps.astype(int).tolist(), values.tolist()))
+               for tag, (steps, values) in run.scalars.items()}
 
 
 @pytest.fixture(scope='module')
@@ -82,13 +79,13 @@ def test_loss_falls_and_run_ends_with_eval_and_checkpoint(run4):
 
 
 def test_event_file_holds_promised_tags(run4):
-  acc, values = scalars(run4[0])
+  run, values = scalars(run4[0])
   want = {'train/loss', 'train/top1', 'train/top5', 'train/learning_rate',
           'train/grad_norm', 'train/clip_threshold', 'train/clipped_fraction',
           'train/param_norm', 'eval/loss', 'eval/top1', 'eval/top5', 'steps_per_sec'}
   assert want <= set(values), want - set(values)
   assert {'grad_log10_magnitude/stage1', 'grad_log10_magnitude/stem',
-          'grad_log10_magnitude/head'} <= set(acc.Tags()['tensors'])
+          'grad_log10_magnitude/head'} <= set(run.hists)
   assert 'grad_norm/stage1_block0/conv1' in values
   # The logged LR is the one of the interval's last step: 0.1 after a
   # 4-step warm-up, decaying linearly to 0 at step 40.
