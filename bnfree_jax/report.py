@@ -15,11 +15,14 @@ import os
 import sys
 from typing import NamedTuple
 
+import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
+
+from bnfree_jax import optim
 
 # Train split sizes, to turn steps into epochs when train/epoch is not logged;
 # the trainer's steps per epoch is num_train // batch_size.
@@ -31,7 +34,8 @@ _FIGURES = {
     'loss': 'Training and validation loss (paper Figs. 2, 4-8)',
     'accuracy': 'Training and validation top-1 (paper Figs. 4-8)',
     'grad_histograms': 'Gradient magnitudes of {stage} over training (paper Fig. 3)',
-    'schedules': 'Learning rate and clipping threshold (paper Fig. 9)',
+    'schedules': 'Learning rate and clipping threshold (paper Fig. 9; dotted: the '
+                 "threshold's other log shape, grad_clip.mode log vs log_curve)",
     'grad_norms': 'Gradient global norm and clipping threshold',
 }
 
@@ -156,6 +160,14 @@ def _clip_cell(config):
   return mode
 
 
+def _total_steps(run):
+  """The run's planned length, as the trainer computes it; 0 when unknown."""
+  total = _get(run.config, 'num_train_steps', -1)
+  if total <= 0 and run.steps_per_epoch:
+    total = int(_get(run.config, 'num_epochs', 0) * run.steps_per_epoch)
+  return max(total, 0)
+
+
 def _progress_cells(run):
   """'steps / epochs' and notes on what the run is missing or did wrong."""
   done = max((int(s[-1]) for s, _ in run.scalars.values() if len(s)), default=0)
@@ -166,9 +178,7 @@ def _progress_cells(run):
       steps, values = run.scalars[tag]
       notes.append(f'diverged: {tag} not finite at step {int(steps[~np.isfinite(values)][0])}')
       break
-  total = _get(run.config, 'num_train_steps', -1)
-  if total <= 0 and run.steps_per_epoch:
-    total = int(_get(run.config, 'num_epochs', 0) * run.steps_per_epoch)
+  total = _total_steps(run)
   if 0 < done < total:
     notes.append(f'unfinished: {done:,} of {total:,} steps')
   return f'{done:,} / {epochs}', '; '.join(notes)
@@ -250,6 +260,25 @@ def _plot(ax, runs, tag, axis, title, ylabel, scale=1.0, log=False, dashed_tag=N
   ax.grid(alpha=0.3)
 
 
+_OTHER_LOG_SHAPE = {'log': 'log_curve', 'log_curve': 'log'}
+
+
+def _other_clip_shape(run, axis):
+  """(x, threshold) at each epoch start and at the end, under the other of
+  the two log shapes (bnfree_jax/optim.py), or None when it has none."""
+  clip = run.config.get('grad_clip') or {}
+  other, total = _OTHER_LOG_SHAPE.get(clip.get('mode')), _total_steps(run)
+  if other is None or not total or not run.steps_per_epoch:
+    return None
+  steps_per_epoch = max(1, round(run.steps_per_epoch))
+  epochs = -(-total // steps_per_epoch)
+  schedule = optim.clip_threshold_schedule(
+      ml_collections.ConfigDict({**clip, 'mode': other}), steps_per_epoch, epochs)
+  starts = np.arange(epochs + 1) * steps_per_epoch
+  x = starts / run.steps_per_epoch if axis == 'epoch' else starts
+  return x, np.asarray(schedule(starts))
+
+
 def _rebin(hist, edges):
   """Counts of one histogram on common edges, each bucket spread evenly."""
   cdf = np.concatenate([[0.0], np.cumsum(hist[:, 2])])
@@ -315,7 +344,12 @@ def write_figures(runs, out_dir, hist_stage='stage2'):
 
   fig, (a, b) = _figure(runs, 2)
   _plot(a, runs, 'train/learning_rate', axis, 'Learning rate', 'learning rate')
-  _plot(b, runs, 'train/clip_threshold', axis, 'Gradient clipping threshold', 'global norm')
+  _plot(b, runs, 'train/clip_threshold', axis,
+        'Gradient clipping threshold (dotted: other log shape)', 'global norm')
+  for i, run in enumerate(runs):
+    other = _other_clip_shape(run, axis) if 'train/clip_threshold' in run.scalars else None
+    if other is not None:
+      b.plot(*other, ':', color=_color(i), drawstyle='steps-post')
   figures['schedules'] = fig
 
   fig, (a,) = _figure(runs, 1, height=4.0)
