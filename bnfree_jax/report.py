@@ -14,13 +14,14 @@ import os
 import sys
 from typing import NamedTuple
 
+import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from bnfree_jax import logs, workdir as workdirs
+from bnfree_jax import logs, optim, workdir as workdirs
 
 _DPI = 110
 # File stem -> caption in report.md; {stage} is --hist-stage.
@@ -28,7 +29,8 @@ _FIGURES = {
     'loss': 'Training and validation loss (paper Figs. 2, 4-8)',
     'accuracy': 'Training and validation top-1 (paper Figs. 4-8)',
     'grad_histograms': 'Gradient magnitudes of {stage} over training (paper Fig. 3)',
-    'schedules': 'Learning rate and clipping threshold (paper Fig. 9)',
+    'schedules': 'Learning rate and clipping threshold (paper Fig. 9; dotted: the '
+                 "threshold's other log shape, grad_clip.mode log vs log_curve)",
     'grad_norms': 'Gradient global norm and clipping threshold',
 }
 
@@ -157,11 +159,19 @@ def _clip_cell(config):
   mode, threshold = _get(config, 'grad_clip.mode'), _get(config, 'grad_clip.threshold')
   if mode == 'constant':
     return f'constant {threshold:g}'
-  if mode == 'log':
-    return f'log {threshold:g}→{_get(config, "grad_clip.final_threshold"):g}'
+  if mode in ('log', 'log_curve'):
+    return f'{mode} {threshold:g}→{_get(config, "grad_clip.final_threshold"):g}'
   if mode == 'agc':
     return f'agc {_get(config, "grad_clip.agc_clipping"):g}'
   return mode
+
+
+def _total_steps(run):
+  """The run's planned length, as the trainer computes it; 0 when unknown."""
+  total = _get(run.config, 'num_train_steps', -1)
+  if total <= 0 and run.steps_per_epoch:
+    total = int(_get(run.config, 'num_epochs', 0) * run.steps_per_epoch)
+  return max(total, 0)
 
 
 def _progress_cells(run):
@@ -174,9 +184,7 @@ def _progress_cells(run):
       steps, values = run.scalars[tag]
       notes.append(f'diverged: {tag} not finite at step {int(steps[~np.isfinite(values)][0])}')
       break
-  total = _get(run.config, 'num_train_steps', -1)
-  if total <= 0 and run.steps_per_epoch:
-    total = int(_get(run.config, 'num_epochs', 0) * run.steps_per_epoch)
+  total = _total_steps(run)
   if 0 < done < total:
     notes.append(f'unfinished: {done:,} of {total:,} steps')
   return f'{done:,} / {epochs}', '; '.join(notes)
@@ -258,6 +266,25 @@ def _plot(ax, runs, tag, axis, title, ylabel, scale=1.0, log=False, dashed_tag=N
   ax.grid(alpha=0.3)
 
 
+_OTHER_LOG_SHAPE = {'log': 'log_curve', 'log_curve': 'log'}
+
+
+def _other_clip_shape(run, axis):
+  """(x, threshold) at each epoch start and at the end, under the other of
+  the two log shapes (bnfree_jax/optim.py), or None when it has none."""
+  clip = run.config.get('grad_clip') or {}
+  other, total = _OTHER_LOG_SHAPE.get(clip.get('mode')), _total_steps(run)
+  if other is None or not total or not run.steps_per_epoch:
+    return None
+  steps_per_epoch = max(1, round(run.steps_per_epoch))
+  epochs = -(-total // steps_per_epoch)
+  schedule = optim.clip_threshold_schedule(
+      ml_collections.ConfigDict({**clip, 'mode': other}), steps_per_epoch, epochs)
+  starts = np.arange(epochs + 1) * steps_per_epoch
+  x = starts / run.steps_per_epoch if axis == 'epoch' else starts
+  return x, np.asarray(schedule(starts))
+
+
 def _rebin(hist, edges):
   """Counts of one histogram on common edges, each bucket spread evenly."""
   cdf = np.concatenate([[0.0], np.cumsum(hist[:, 2])])
@@ -322,8 +349,14 @@ def write_figures(runs, out_dir, hist_stage='stage2'):
   figures['grad_histograms'] = _histogram_figure(runs, axis, hist_stage)
 
   fig, (a, b) = _figure(runs, 2)
+  clip_tag = logs.tag(logs.TRAIN, 'clip_threshold')
   _plot(a, runs, logs.tag(logs.TRAIN, 'learning_rate'), axis, 'Learning rate', 'learning rate')
-  _plot(b, runs, logs.tag(logs.TRAIN, 'clip_threshold'), axis, 'Gradient clipping threshold', 'global norm')
+  _plot(b, runs, clip_tag, axis, 'Gradient clipping threshold (dotted: other log shape)',
+        'global norm')
+  for i, run in enumerate(runs):
+    other = _other_clip_shape(run, axis) if clip_tag in run.scalars else None
+    if other is not None:
+      b.plot(*other, ':', color=_color(i), drawstyle='steps-post')
   figures['schedules'] = fig
 
   fig, (a,) = _figure(runs, 1, height=4.0)

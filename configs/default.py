@@ -32,14 +32,23 @@ def get_config():
       norm='batch',         # batch | weight | none
       width=64,
       dropout_rate=0.0,
+      # Dropout before the classifier; -1 -> dropout_rate, as in the blocks.
+      head_dropout_rate=-1.0,
       stem='imagenet',      # imagenet | small
       wn_data_init=False,   # Salimans & Kingma data-dependent init of WNConv.
+      # norm='batch': 'global' statistics over the whole batch (synced BN), or
+      # 'per_device' over each device's shard, as PyTorch DataParallel/DDP.
+      bn_stats='global',
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       momentum=0.9,
       nesterov=False,
-      weight_decay=1e-4,         # Spares g, biases and BN scale/bias.
+      weight_decay=1e-4,
+      # 'kernels': conv/dense kernels and WN directions v only; 'all': every
+      # parameter (g, biases, BN scale/bias too), as PyTorch's
+      # SGD(model.parameters(), weight_decay=...).
+      weight_decay_on='kernels',
       momentum_correction=True,  # Goyal et al. 2017, sec. 2.1.
   ))
 
@@ -48,6 +57,10 @@ def get_config():
       base_lr=0.1,          # Peak LR, reached after the warm-up.
       warmup_epochs=0.0,    # Linear warm-up from warmup_init_lr to base_lr.
       warmup_init_lr=0.0,
+      hold_epochs=0.0,      # base_lr held this long after the warm-up, then
+                            # the named schedule over the remaining steps.
+      staircase_epochs=0.0,  # > 0: the schedule after warm-up and hold changes
+                             # only every this many epochs; 0: every step.
       end_lr=0.0,           # linear, cosine: value at the last step.
       decay_rate=0.94,      # exponential: factor per epoch.
       step_epochs=(30, 60, 80),  # step: epochs at which the LR is multiplied
@@ -57,9 +70,12 @@ def get_config():
   ))
 
   c.grad_clip = ml_collections.ConfigDict(dict(
-      mode='none',          # none | constant | log | agc
-      threshold=5.0,        # constant: the threshold; log: the first epoch's.
-      final_threshold=1.0,  # log: the last epoch's threshold.
+      # none | constant | log | log_curve | agc. Per epoch from threshold to
+      # final_threshold: log by a constant factor, log_curve along
+      # threshold + a ln(1 + epoch) (bnfree_jax/optim.py).
+      mode='none',
+      threshold=5.0,        # constant: the threshold; log*: the first epoch's.
+      final_threshold=1.0,  # log*: the last epoch's threshold.
       agc_clipping=0.01,    # agc: unit-wise ratio |g|/|w| (Brock et al. 2021).
       agc_eps=1e-3,
   ))

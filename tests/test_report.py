@@ -147,6 +147,22 @@ def test_figures_are_pngs_linked_from_report(runs):
     assert f']({name}.png)' in runs['text']
 
 
+@pytest.mark.parametrize('mode,want', [
+    # The run's 'log' (geometric) drawn against 5 + 45 ln(1 + epoch) / ln 4 ...
+    ('log', [5.0, 27.5, 5 + 45 * math.log(3) / math.log(4), 50.0, 50.0]),
+    # ... and a 'log_curve' run against 5 x 10^(epoch / 3).
+    ('log_curve', [5.0, 5 * 10 ** (1 / 3), 5 * 10 ** (2 / 3), 50.0, 50.0]),
+])
+def test_schedules_figure_draws_the_other_log_shape(runs, mode, want):
+  wn = report.load_run(str(runs['wn']))
+  run = wn._replace(config={**wn.config, 'grad_clip': {**wn.config['grad_clip'], 'mode': mode}})
+  x, threshold = report._other_clip_shape(run, 'epoch')
+  np.testing.assert_allclose(x, [0, 1, 2, 3, 4])  # Epoch starts, then the end.
+  np.testing.assert_allclose(threshold, want, rtol=1e-6)
+  np.testing.assert_allclose(report._other_clip_shape(run, 'step')[0], [0, 100, 200, 300, 400])
+  assert report._other_clip_shape(report.load_run(str(runs['bn'])), 'epoch') is None
+
+
 def test_main_prints_path_and_other_stage(runs, tmp_path, capsys):
   assert report.main([str(runs['wn']), '--out', str(tmp_path), '--hist-stage', 'stage1']) == 0
   assert str(tmp_path / 'report.md') in capsys.readouterr().out

@@ -14,7 +14,7 @@ from configs.paper import common
 
 def get_config(arg=None):
   return common.recipe(
-      arg, norm='weight', lr=0.01, schedule='cyclic', clip='log', clip_from=5.0,
+      arg, norm='weight', lr=0.01, schedule='cyclic', clip='adaptive', clip_from=5.0,
       dropout=True,
       paper=dict(
           table='4',

@@ -16,7 +16,7 @@ from configs.paper import common
 
 def get_config(arg=None):
   return common.recipe(
-      arg, norm='weight', schedule='warmup', clip='log', clip_from=5.0,
+      arg, norm='weight', schedule='warmup', clip='adaptive', clip_from=5.0,
       dropout=True, epochs=120,
       paper=dict(
           table='5',

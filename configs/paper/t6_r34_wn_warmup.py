@@ -14,7 +14,7 @@ from configs.paper import common
 
 def get_config(arg=None):
   return common.recipe(
-      arg, model='resnet34', norm='weight', schedule='warmup', clip='log',
+      arg, model='resnet34', norm='weight', schedule='warmup', clip='adaptive',
       clip_from=5.0, dropout=True, epochs=120,
       paper=dict(
           table='6',

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bnfree_jax.models import Dropout, ResNet18, WNConv, data_dependent_init
+from bnfree_jax.models.layers import GroupedBatchNorm
 
 
 RNG = np.random.default_rng(0)
@@ -167,3 +168,72 @@ def test_dropout_mask_independent_of_sharding(dropped):
   sharded = jax.device_put(x, NamedSharding(mesh, P('data')))
   apply = jax.jit(lambda x: Dropout(0.1).apply({}, x, rngs={'dropout': jax.random.key(1)}))
   np.testing.assert_array_equal(apply(sharded), ours)
+
+
+# As the ResNet's BN: flax momentum 0.9 is torchvision's 0.1.
+BN = dict(momentum=0.9, epsilon=1e-5)
+
+
+@pytest.fixture(scope='module')
+def bn_case():
+  """x of 4 shards with different means and scales, and BN variables."""
+  x = _normal(8, 3, 3, 5) * jnp.repeat(jnp.arange(1.0, 5.0), 2)[:, None, None, None]
+  x = x + jnp.repeat(jnp.arange(4.0), 2)[:, None, None, None]
+  variables = {'params': {'scale': _normal(5), 'bias': _normal(5)},
+               'batch_stats': {'mean': _normal(5), 'var': jnp.exp(_normal(5))}}
+  return x, variables
+
+
+def _flax_bn_per_shard(x, variables, groups):
+  outs, stats = [], []
+  for shard in jnp.split(x, groups):
+    y, new = nn.BatchNorm(use_running_average=False, **BN).apply(
+        variables, shard, mutable=['batch_stats'])
+    outs.append(y)
+    stats.append(new['batch_stats'])
+  return jnp.concatenate(outs), jax.tree.map(lambda *s: jnp.mean(jnp.stack(s), 0), *stats)
+
+
+@pytest.mark.parametrize('groups', [1, 2, 4])
+def test_grouped_batch_norm_equals_batch_norm_per_shard(bn_case, groups):
+  x, variables = bn_case
+  y, new = GroupedBatchNorm(groups, **BN).apply(variables, x, mutable=['batch_stats'])
+  want_y, want_stats = _flax_bn_per_shard(x, variables, groups)
+  np.testing.assert_allclose(y, want_y, atol=1e-6)
+  # Running statistics: the mean over shards of what each shard's BN would store.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+               new['batch_stats'], want_stats)
+  if groups > 1:  # Per-shard statistics are not the batch's.
+    assert np.abs(y - _flax_bn_per_shard(x, variables, 1)[0]).max() > 0.1
+
+
+def test_grouped_batch_norm_eval_and_variables_match_batch_norm(bn_case):
+  x, variables = bn_case
+  ours = GroupedBatchNorm(4, use_running_average=True, **BN)
+  theirs = nn.BatchNorm(use_running_average=True, **BN)
+  np.testing.assert_allclose(ours.apply(variables, x), theirs.apply(variables, x), atol=1e-6)
+  init = [jax.tree.map(np.asarray, m.init(KEY, x)) for m in (ours, theirs)]
+  jax.tree.map(np.testing.assert_array_equal, *init)
+  y = GroupedBatchNorm(4, use_running_average=True, dtype=jnp.bfloat16).apply(variables, x)
+  assert y.dtype == jnp.bfloat16
+
+
+def test_grouped_batch_norm_sharded_needs_no_cross_device_reduction(bn_case):
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  x, variables = bn_case
+  mesh = jax.make_mesh((4,), ('data',))
+  sharded = jax.device_put(x, NamedSharding(mesh, P('data')))
+  def hlo(module):
+    forward = jax.jit(lambda x: module.apply(variables, x, mutable=['batch_stats'])[0])
+    return forward(sharded), forward.lower(sharded).compile().as_text()
+
+  y, text = hlo(GroupedBatchNorm(4, **BN))
+  np.testing.assert_allclose(y, _flax_bn_per_shard(x, variables, 4)[0], atol=1e-6)
+  assert 'all-reduce' not in text
+  assert 'all-reduce' in hlo(nn.BatchNorm(use_running_average=False, **BN))[1]
+
+
+def test_grouped_batch_norm_rejects_uneven_groups(bn_case):
+  x, variables = bn_case
+  with pytest.raises(ValueError, match='batch 8 is not divisible by num_groups=3'):
+    GroupedBatchNorm(3, **BN).apply(variables, x, mutable=['batch_stats'])
