@@ -220,12 +220,23 @@ def test_momentum_correction_matches_goyal(nesterov, correction):
       np.testing.assert_allclose(upd, w, rtol=1e-5, atol=1e-7)
 
 
+def test_a_run_shorter_than_its_warmup_only_warms_up(default_config):
+  """A smoke run of a recipe (fewer steps than its warm-up and hold) runs:
+  the LR rises at the recipe's rate, then holds, for the whole run."""
+  lr = lr_at(default_config, total_steps=30, name='cosine', base_lr=0.4, warmup_epochs=4,
+             warmup_init_lr=0.0)
+  assert [lr(s) for s in (0, 10, 29)] == pytest.approx([0.0, 0.1, 0.4 * 29 / 40])
+  lr = lr_at(default_config, total_steps=30, name='cosine', base_lr=0.4, warmup_epochs=2,
+             warmup_init_lr=0.0, hold_epochs=3)
+  assert [lr(s) for s in (10, 20, 29)] == pytest.approx([0.2, 0.4, 0.4])  # Warm-up, hold.
+  default_config.lr_schedule.update(warmup_epochs=2.0)
+  assert optim.create_optimizer(default_config, SPE, 5, weight_decay_mask=None).warmup_steps == 20
+
+
 @pytest.mark.parametrize('section,change,message', [
     ('lr_schedule', {'name': 'bogus'}, "lr_schedule.name='bogus' is not one of: constant, linear"),
     ('lr_schedule', {'base_lr': 0.0}, 'lr_schedule.base_lr=0.0 must be > 0'),
     ('lr_schedule', {'base_lr': -0.1}, 'lr_schedule.base_lr=-0.1 must be > 0'),
-    ('lr_schedule', {'warmup_epochs': 2.0, 'hold_epochs': 3.0},
-     'lr_schedule.warmup_epochs=2.0 and hold_epochs=3.0 leave no steps to decay (50 steps'),
     ('lr_schedule', {'hold_epochs': -1.0}, 'lr_schedule.hold_epochs=-1.0 must be >= 0'),
     ('lr_schedule', {'staircase_epochs': -0.5}, 'lr_schedule.staircase_epochs=-0.5 must be >= 0'),
     ('grad_clip', {'mode': 'clipit'},
