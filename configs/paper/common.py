@@ -4,7 +4,7 @@
   None     the paper's run: ImageNet, batch 256, SGD momentum 0.9, weight decay
            1e-4 (configs/default.py), 90 epochs (120 for the warm-up rows).
   'small'  its twin on Fashion-MNIST: small stem, width 16, batch 128 and the
-           same budget for every row, SMALL_STEPS = 2 epochs; epoch-based
+           same budget for every row, SMALL_EPOCHS = 2 (936 steps); epoch-based
            LR settings (warm-up, hold, stair length, cycle length) shrink by
            2 / the row's epochs, so the LR keeps its shape; the clipping
            threshold's per-epoch schedule spans the 2 epochs (5, then 50:
@@ -74,8 +74,7 @@ CLIP_FINAL = 50.0
 DROPOUT = 0.1
 
 SMALL_EPOCHS = 2
-SMALL_STEPS = SMALL_EPOCHS * (60_000 // 128)  # 936: Fashion-MNIST, batch 128.
-TINY_EPOCHS, TINY_TRAIN, TINY_BATCH = 2, 32, 16  # 4 steps.
+TINY_EPOCHS, TINY_TRAIN, TINY_BATCH = 2, 32, 16
 
 
 def recipe(arg=None, *, paper, model='resnet18', norm, lr=None,
@@ -123,7 +122,7 @@ def twin(c, arg):
     c.dataset = 'fashion_mnist'
     c.model.update(stem='small', width=16)
     c.batch_size = 128
-    epochs, c.num_train_steps = SMALL_EPOCHS, SMALL_STEPS
+    epochs = SMALL_EPOCHS  # 2 x 468 = 936 steps of 128.
     c.update(log_every_steps=50, eval_every_steps=-1,  # -1: once per epoch.
              histogram_every_steps=200, checkpoint_every_steps=500)
   elif arg == 'tiny':
@@ -131,7 +130,7 @@ def twin(c, arg):
     c.synthetic.update(image_size=16, num_train=TINY_TRAIN, num_eval=TINY_BATCH)
     c.model.update(stem='small', width=8)
     c.batch_size = TINY_BATCH
-    epochs, c.num_train_steps = TINY_EPOCHS, TINY_EPOCHS * TINY_TRAIN // TINY_BATCH
+    epochs = TINY_EPOCHS  # 4 steps.
     c.update(log_every_steps=1, eval_every_steps=-1, histogram_every_steps=2,
              checkpoint_every_steps=2)
   else:
