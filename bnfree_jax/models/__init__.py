@@ -1,6 +1,14 @@
 """ResNets with batch-, weight- or no normalization, and weight-norm utilities."""
 
-from bnfree_jax.models.layers import Dropout, WNConv, data_dependent_init, weight_decay_mask
+from bnfree_jax.models.layers import (
+    RELU_GAMMA,
+    DropPath,
+    Dropout,
+    WNConv,
+    WSConv,
+    data_dependent_init,
+    weight_decay_mask,
+)
 from bnfree_jax.models.resnet import (
     MODELS,
     NORMS,
@@ -17,7 +25,7 @@ from bnfree_jax.models.resnet import (
 )
 
 __all__ = [
-    'MODELS', 'NORMS', 'STEMS', 'BasicBlock', 'BottleneckBlock', 'Dropout', 'ResNet', 'ResNet18',
-    'ResNet34', 'ResNet50', 'ResNet101', 'ResNet152', 'WNConv', 'create_model',
-    'data_dependent_init', 'weight_decay_mask',
+    'MODELS', 'NORMS', 'RELU_GAMMA', 'STEMS', 'BasicBlock', 'BottleneckBlock', 'DropPath',
+    'Dropout', 'ResNet', 'ResNet18', 'ResNet34', 'ResNet50', 'ResNet101', 'ResNet152', 'WNConv',
+    'WSConv', 'create_model', 'data_dependent_init', 'weight_decay_mask',
 ]
