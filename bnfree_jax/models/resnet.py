@@ -163,9 +163,3 @@ ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=Bottl
 MODELS = {'resnet18': ResNet18, 'resnet34': ResNet34, 'resnet50': ResNet50,
           'resnet101': ResNet101, 'resnet152': ResNet152}
 
-
-def create_model(name: str, **kwargs) -> ResNet:
-  """MODELS[name.lower()](**kwargs)."""
-  if name.lower() not in MODELS:
-    raise ValueError(f'model {name!r} is not one of: {", ".join(MODELS)}')
-  return MODELS[name.lower()](**kwargs)
