@@ -58,7 +58,8 @@ class WNConv(nn.Module):
     return y if bias is None else y + bias
 
 
-# The ReLU's gamma of Brock et al. 2021 (timm's _nonlin_gamma['relu']): 1 / std(relu(z)), z ~ N(0, 1).
+# The ReLU's gamma of Brock et al. 2021 (timm's _nonlin_gamma['relu']):
+# 1 / std(relu(z)) for z ~ N(0, 1).
 RELU_GAMMA = 1.7139588594436646
 
 
