@@ -1,4 +1,5 @@
 import functools
+import pathlib
 
 import flax
 import jax
@@ -7,6 +8,7 @@ import numpy as np
 import optax
 import pytest
 
+from bnfree_jax import convert
 from bnfree_jax.models import (MODELS, NFBottleneckBlock, NFResNet, NFResNet18, NFResNet50,
                                create_model, nf_resnet, weight_decay_mask)
 
@@ -15,6 +17,7 @@ KEY = functools.partial(jax.random.key, impl='unsafe_rbg')
 TINY = dict(num_classes=10, width=8, stem='small')
 X = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
 LABELS = jnp.array([0, 3])
+FIXTURE = pathlib.Path(__file__).parents[1] / 'fixtures' / 'timm_nf_resnet50_w4.npz'
 
 
 def _abstract_variables(model, x):
@@ -76,6 +79,49 @@ def test_basic_block_betas_reset_at_projections_only():
   assert [s.projects for s in specs] == [False, False, True, False, True, False, True, False]
   np.testing.assert_allclose([s.beta**-2 for s in specs],
                              [1, 1.04, 1.08, 1.04, 1.08, 1.04, 1.08, 1.04])
+
+
+# --------------------------------------------------------- timm weights ----
+
+
+@pytest.fixture(scope='module')
+def timm_fixture():
+  """(npz, NFResNet50 at width 4, its variables converted from timm's state dict)."""
+  data = np.load(FIXTURE)
+  state = {k.removeprefix('state/'): data[k] for k in data.files if k.startswith('state/')}
+  model = NFResNet50(width=4, num_classes=5)
+  return data, model, state
+
+
+@pytest.mark.parametrize('size', [64, 65])
+def test_converted_timm_weights_give_timm_logits(timm_fixture, size):
+  data, model, state = timm_fixture
+  variables = convert._apply_layout(state, model, convert.timm_nf_resnet_layout(model))
+  x = jnp.asarray(data[f'x{size}'].transpose(0, 2, 3, 1))  # NCHW -> NHWC
+  logits = jax.jit(functools.partial(model.apply, train=False))(variables, x)
+  np.testing.assert_allclose(logits, data[f'logits{size}'], rtol=1e-5, atol=1e-5)
+
+
+def test_timm_layout_uses_every_key_and_fills_every_param(timm_fixture):
+  _, model, state = timm_fixture
+  entries = convert.timm_nf_resnet_layout(model)
+  keys = [key for key, *_ in entries]
+  assert len(keys) == len(set(keys)) and set(keys) == set(state)
+  assert {t for *_, t in entries} == {'conv', 'linear', 'copy', 'gain'}
+  variables = convert._apply_layout(state, model, entries)
+  expected = _flat(_abstract_variables(model, jnp.zeros((1, 32, 32, 3))))
+  got = _flat(variables)
+  assert set(got) == set(expected)
+  assert all(got[k].shape == expected[k].shape for k in got)
+
+  with pytest.raises(ValueError, match=r"missing: \['head.fc.bias'\]; unused: none"):
+    convert._apply_layout({k: v for k, v in state.items() if k != 'head.fc.bias'}, model, entries)
+  with pytest.raises(ValueError, match=r"missing: none; unused: \['extra'\]"):
+    convert._apply_layout({**state, 'extra': state['head.fc.bias']}, model, entries)
+  with pytest.raises(ValueError, match='wrong shape'):
+    convert._apply_layout(state, model.clone(num_classes=6), entries)
+  with pytest.raises(ValueError, match='timm has no basic-block NF-ResNet'):
+    convert.timm_nf_resnet_layout(NFResNet18())
 
 
 # ------------------------------------------------------------- numerics ----
