@@ -34,6 +34,7 @@ def get_config():
       dropout_rate=0.0,
       # Dropout before the classifier; -1 -> dropout_rate, as in the blocks.
       head_dropout_rate=-1.0,
+      drop_path_rate=0.0,   # nf_* only: stochastic depth, rising linearly to this over the blocks.
       stem='imagenet',      # imagenet | small
       wn_data_init=False,   # Salimans & Kingma data-dependent init of WNConv.
       # norm='batch': 'global' statistics over the whole batch (synced BN), or

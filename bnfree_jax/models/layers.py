@@ -1,5 +1,6 @@
-"""Weight-normalized convolution (Salimans & Kingma 2016), its data-dependent init,
-a cheaper dropout, and batch norm with per-device statistics."""
+"""Weight-normalized (Salimans & Kingma 2016) and scaled weight-standardized
+(Brock et al. 2021) convolutions, the former's data-dependent init, a cheaper
+dropout, stochastic depth, and batch norm with per-device statistics."""
 
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -55,6 +56,51 @@ class WNConv(nn.Module):
         x, kernel, window_strides=tuple(self.strides), padding=self.padding,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     return y if bias is None else y + bias
+
+
+# The ReLU's gamma of Brock et al. 2021 (timm's _nonlin_gamma['relu']):
+# 1 / std(relu(z)) for z ~ N(0, 1).
+RELU_GAMMA = 1.7139588594436646
+
+
+class WSConv(nn.Module):
+  """2-D convolution with scaled weight standardization, as timm's ScaledStdConv2d.
+
+  kernel = gain * gamma * (w - mean) / sqrt(var + eps) / sqrt(fan_in), mean and
+  biased var per output channel over the fan-in (kh, kw, in). Standardized in
+  float32 from the params, in eval mode too. eps is timm's NF-net std_conv_eps
+  (1e-5), not ScaledStdConv2d's own 1e-6 default.
+  """
+
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] = (1, 1)
+  padding: str | Sequence[tuple[int, int]] = 'SAME'
+  gamma: float = 1.0
+  eps: float = 1e-5
+  gain_init: float = 1.0
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  # timm's kaiming_normal_(mode='fan_in', nonlinearity='linear'): N(0, 1 / fan_in).
+  kernel_init: Callable = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w = self.param('kernel', self.kernel_init,
+                   (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    gain = self.param('gain', nn.initializers.constant(self.gain_init), (self.features,),
+                      self.param_dtype)
+    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+    fan_in = w.shape[0] * w.shape[1] * w.shape[2]
+    mean = jnp.mean(w, axis=(0, 1, 2))
+    var = jnp.var(w, axis=(0, 1, 2))
+    kernel = (w - mean) * (lax.rsqrt(var + self.eps) * gain * (self.gamma * fan_in**-0.5))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = lax.conv_general_dilated(
+        x, kernel, window_strides=tuple(self.strides), padding=self.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y + bias
 
 
 class Dropout(nn.Module):
@@ -143,6 +189,24 @@ class GroupedBatchNorm(nn.Module):
     return jnp.asarray(y.reshape(x.shape), dtype)
 
 
+class DropPath(nn.Module):
+  """Stochastic depth as timm's DropPath: each example's input zeroed with
+  probability `rate`, kept ones scaled by 1 / (1 - rate); the mask is drawn
+  from the 'dropout' rng."""
+
+  rate: float
+  deterministic: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    kept = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return lax.select(jnp.broadcast_to(kept, x.shape), x / jnp.asarray(keep, x.dtype),
+                      jnp.zeros_like(x))
+
+
 def data_dependent_init(model: nn.Module, variables: Any, batch: jax.Array,
                         **apply_kwargs) -> Any:
   """Re-initialises every WNConv's g and bias from one batch (Salimans & Kingma, sec. 3).
@@ -193,6 +257,8 @@ def data_dependent_init(model: nn.Module, variables: Any, batch: jax.Array,
 
 
 def weight_decay_mask(params: Any) -> Any:
-  """True for conv and dense kernels (`kernel`, `v`); False for gains, biases and BN affines."""
+  """True for conv and dense kernels (`kernel`, WNConv's `v`); False for gains
+  (WNConv's `g`, WSConv's `gain`), biases and BN affines, as NFNets decay only
+  the weights."""
   return flax.traverse_util.path_aware_map(
       lambda path, _: path[-1] in ('kernel', 'v'), flax.core.unfreeze(params))

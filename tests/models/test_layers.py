@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnfree_jax.models import Dropout, ResNet18, WNConv, data_dependent_init
+from bnfree_jax.models import (RELU_GAMMA, DropPath, Dropout, ResNet18, WNConv, WSConv,
+                               data_dependent_init)
 from bnfree_jax.models.layers import GroupedBatchNorm
 
 
@@ -237,3 +238,76 @@ def test_grouped_batch_norm_rejects_uneven_groups(bn_case):
   x, variables = bn_case
   with pytest.raises(ValueError, match='batch 8 is not divisible by num_groups=3'):
     GroupedBatchNorm(3, **BN).apply(variables, x, mutable=['batch_stats'])
+
+
+def _timm_scaled_std_kernel(w_hwio, gain, gamma, eps):
+  """timm's ScaledStdConv2d weight in float64 numpy, from its OIHW view: F.batch_norm
+  over (1, O, I*kh*kw) with weight gain * gamma / sqrt(fan_in), biased variance."""
+  w = np.asarray(w_hwio, np.float64).transpose(3, 2, 0, 1)
+  flat = w.reshape(w.shape[0], -1)
+  scale = gamma * flat.shape[1] ** -0.5
+  mean, var = flat.mean(axis=1, keepdims=True), flat.var(axis=1, keepdims=True)
+  std = (flat - mean) / np.sqrt(var + eps) * (np.asarray(gain, np.float64)[:, None] * scale)
+  return std.reshape(w.shape).transpose(2, 3, 1, 0)
+
+
+@pytest.mark.parametrize('kernel,strides', [(3, 2), (1, 1)])
+def test_wsconv_matches_timm_scaled_std_conv(kernel, strides):
+  w, bias, x = _normal(kernel, kernel, 6, 5) + 0.1, _normal(5), _normal(2, 9, 9, 6)
+  gain = jnp.asarray(RNG.uniform(0.5, 2.0, size=5), jnp.float32)
+  padding = ((kernel // 2, kernel // 2),) * 2
+  conv = WSConv(5, (kernel, kernel), strides=(strides, strides), padding=padding,
+                gamma=RELU_GAMMA)
+  # At 1e-3 the weight's variance (~1e-6) is below eps, which then sets the scale.
+  for scale in (1.0, 1e-3):
+    y = conv.apply({'params': {'kernel': w * scale, 'gain': gain, 'bias': bias}}, x)
+    reference = _timm_scaled_std_kernel(w * scale, gain, RELU_GAMMA, 1e-5)
+    expected = _explicit_conv(x, jnp.asarray(reference, jnp.float32), bias, (strides, strides),
+                              padding)
+    side = -(-9 // strides)
+    assert y.shape == expected.shape == (2, side, side, 5)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5, err_msg=f'scale {scale}')
+  # Invariant to an affine change of the raw weight (up to eps, small beside var ~ 1).
+  y = conv.apply({'params': {'kernel': w, 'gain': gain, 'bias': bias}}, x)
+  shifted = {'kernel': w * 3.0 - 0.7, 'gain': gain, 'bias': bias}
+  np.testing.assert_allclose(conv.apply({'params': shifted}, x), y, rtol=1e-4, atol=1e-4)
+
+
+def test_wsconv_init_as_timm():
+  x = _normal(2, 6, 6, 64)
+  params = WSConv(128, (3, 3)).init(KEY, x)['params']
+  assert set(params) == {'kernel', 'gain', 'bias'}
+  assert params['kernel'].shape == (3, 3, 64, 128) and params['gain'].shape == (128,)
+  # kaiming_normal_(mode='fan_in', nonlinearity='linear'): std 1 / sqrt(3 * 3 * 64).
+  assert float(jnp.std(params['kernel'])) == pytest.approx(1 / 24, rel=0.01)
+  np.testing.assert_array_equal(params['gain'], 1)
+  np.testing.assert_array_equal(params['bias'], 0)
+  zero = WSConv(4, (1, 1), gain_init=0.0)
+  y, variables = zero.init_with_output(KEY, x)
+  np.testing.assert_array_equal(variables['params']['gain'], 0)
+  np.testing.assert_array_equal(y, 0)
+
+
+def test_wsconv_bfloat16_compute_keeps_float32_params():
+  x = _normal(2, 6, 6, 3)
+  conv = WSConv(4, (3, 3), dtype=jnp.bfloat16)
+  params = conv.init(KEY, x)['params']
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  y = conv.apply({'params': params}, x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(y.astype(jnp.float32), WSConv(4, (3, 3)).apply({'params': params}, x),
+                             rtol=0.05, atol=0.05)
+
+
+def test_drop_path_drops_whole_examples():
+  x = jnp.ones((4096, 3, 3, 2))
+  y = np.asarray(DropPath(0.25).apply({}, x, rngs={'dropout': jax.random.key(0)}))
+  per_example = y.reshape(len(y), -1)
+  assert set(np.unique(per_example)) == {0.0, np.float32(1 / 0.75)}
+  assert np.all(per_example == per_example[:, :1])  # one decision per example
+  kept = per_example[:, 0] != 0
+  assert abs(kept.mean() - 0.75) < 4 * np.sqrt(0.75 * 0.25 / len(kept))
+  again = DropPath(0.25).apply({}, x, rngs={'dropout': jax.random.key(0)})
+  np.testing.assert_array_equal(again, y)
+  assert DropPath(0.25, deterministic=True).apply({}, x) is x
+  assert DropPath(0.0).apply({}, x) is x

@@ -220,6 +220,7 @@ def test_create_model_by_name():
     assert isinstance(model, ResNet) and model.stage_sizes == (2, 2, 2, 2)
   assert create_model('ResNet152').stage_sizes == (3, 8, 36, 3)
   assert create_model('resnet101').block_cls is BottleneckBlock
-  assert set(MODELS) == {'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'}
+  assert {name for name in MODELS if name.startswith('resnet')} == {
+      'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'}
   with pytest.raises(ValueError, match="'resnet19' is not one of: resnet18, resnet34, resnet50"):
     create_model('resnet19')
