@@ -96,7 +96,7 @@ def timm_fixture():
 @pytest.mark.parametrize('size', [64, 65])
 def test_converted_timm_weights_give_timm_logits(timm_fixture, size):
   data, model, state = timm_fixture
-  variables = convert._apply_layout(state, model, convert.timm_nf_resnet_layout(model))
+  variables = convert.from_torch(state, model)
   x = jnp.asarray(data[f'x{size}'].transpose(0, 2, 3, 1))  # NCHW -> NHWC
   logits = jax.jit(functools.partial(model.apply, train=False))(variables, x)
   np.testing.assert_allclose(logits, data[f'logits{size}'], rtol=1e-5, atol=1e-5)
@@ -104,24 +104,27 @@ def test_converted_timm_weights_give_timm_logits(timm_fixture, size):
 
 def test_timm_layout_uses_every_key_and_fills_every_param(timm_fixture):
   _, model, state = timm_fixture
-  entries = convert.timm_nf_resnet_layout(model)
+  entries = convert.timm_nf_resnet_layout(model, None)
   keys = [key for key, *_ in entries]
   assert len(keys) == len(set(keys)) and set(keys) == set(state)
-  assert {t for *_, t in entries} == {'conv', 'linear', 'copy', 'gain'}
-  variables = convert._apply_layout(state, model, entries)
+  assert {t for *_, t in entries} == {'conv', 'linear', 'copy', 'per_filter'}
+  variables = convert.from_torch(state, model)
   expected = _flat(_abstract_variables(model, jnp.zeros((1, 32, 32, 3))))
   got = _flat(variables)
   assert set(got) == set(expected)
   assert all(got[k].shape == expected[k].shape for k in got)
 
-  with pytest.raises(ValueError, match=r"missing: \['head.fc.bias'\]; unused: none"):
-    convert._apply_layout({k: v for k, v in state.items() if k != 'head.fc.bias'}, model, entries)
-  with pytest.raises(ValueError, match=r"missing: none; unused: \['extra'\]"):
-    convert._apply_layout({**state, 'extra': state['head.fc.bias']}, model, entries)
-  with pytest.raises(ValueError, match='wrong shape'):
-    convert._apply_layout(state, model.clone(num_classes=6), entries)
+  with pytest.raises(ValueError, match=r"state dict has no 'head.fc.bias'; the model expects "
+                     r'shape \(5,\)'):
+    convert.from_torch({k: v for k, v in state.items() if k != 'head.fc.bias'}, model)
+  with pytest.raises(ValueError, match=r"state dict key 'extra' \(shape \(5,\)\) matches no"):
+    convert.from_torch({**state, 'extra': state['head.fc.bias']}, model)
+  with pytest.raises(ValueError, match=r"'head.fc.weight' has shape \(5, 128\), the model "
+                     r'expects \(6, 128\)'):
+    convert.from_torch(state, model.clone(num_classes=6))
   with pytest.raises(ValueError, match='timm has no basic-block NF-ResNet'):
-    convert.timm_nf_resnet_layout(NFResNet18())
+    convert.timm_nf_resnet_layout(NFResNet18(), None)
+  assert all(np.array_equal(v, state[k]) for k, v in convert.to_torch(variables, model).items())
 
 
 # ------------------------------------------------------------- numerics ----
