@@ -25,6 +25,7 @@ from bnfree_jax import (checkpointing, input_pipeline, logs, metrics, models, op
 from bnfree_jax.workdir import InputError, check
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+BN_STATS = ('global', 'per_device')
 
 
 class NonFiniteError(RuntimeError):
@@ -88,19 +89,32 @@ def setup(config, devices=None) -> Setup:
   eval_batch_size = config.eval_batch_size if config.eval_batch_size > 0 else config.batch_size
   for key, size in (('batch_size', config.batch_size), ('eval_batch_size', eval_batch_size)):
     check(size % num_devices == 0,
-           f'{key}={size} is not divisible by the {num_devices} devices')
+          f'{key}={size} is not divisible by the {num_devices} devices')
 
   info = input_pipeline.dataset_info(config)
   steps_per_epoch = info.num_train // config.batch_size
   check(steps_per_epoch > 0, f'batch_size={config.batch_size} exceeds the '
-         f'{info.num_train} training examples of {info.name}')
+        f'{info.num_train} training examples of {info.name}')
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(config.num_epochs * steps_per_epoch))
+  check(config.model.bn_stats in BN_STATS,
+        f"model.bn_stats={config.model.bn_stats!r} is not one of: {', '.join(BN_STATS)}")
+  # Only settings that differ from the default reach the model, so that a
+  # family without them (NF-ResNets) refuses them by name.
+  extra = {}
+  if config.model.drop_path_rate:
+    extra['drop_path_rate'] = config.model.drop_path_rate
+  if config.model.head_dropout_rate >= 0:
+    extra['head_dropout_rate'] = config.model.head_dropout_rate
+  if config.model.bn_stats == 'per_device':
+    check(config.model.norm == 'batch',
+          f"model.bn_stats='per_device' needs model.norm='batch', not {config.model.norm!r}")
+    extra['bn_groups'] = num_devices
   model = models.create_model(
       config.model.name, num_classes=info.num_classes, norm=config.model.norm,
       width=config.model.width, dropout_rate=config.model.dropout_rate,
       stem=config.model.stem, remat=config.remat,
-      dtype=COMPUTE_DTYPES[config.compute_dtype])
+      dtype=COMPUTE_DTYPES[config.compute_dtype], **extra)
   optimizer = optim.create_optimizer(config, steps_per_epoch, total_steps,
                                      models.weight_decay_mask)
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch

@@ -28,11 +28,11 @@ def get_config():
   c.num_train_steps = -1
 
   c.model = ml_collections.ConfigDict(dict(
-      name='resnet18',      # resnet18|34|50|101|152
-      norm='batch',         # batch | weight | none
+      name='resnet18',      # resnet18|34|50|101|152, nf_resnet18|26|34|50|101
+      norm='batch',         # batch | weight | none; nf_*: scaled_ws (their only one)
       width=64,
       dropout_rate=0.0,
-      # Dropout before the classifier; -1 -> dropout_rate, as in the blocks.
+      # Dropout before the classifier (resnet*); -1 -> dropout_rate, as in the blocks.
       head_dropout_rate=-1.0,
       drop_path_rate=0.0,   # nf_* only: stochastic depth, rising linearly to this over the blocks.
       stem='imagenet',      # imagenet | small

@@ -12,22 +12,26 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnfree_jax.models.layers import HE_INIT, Dropout, WNConv
+from bnfree_jax.models.layers import HE_INIT, Dropout, GroupedBatchNorm, WNConv
 
 # A flax layer constructor: functools.partial of a module class, called with name=.
 ModuleDef = Any
 
-# norm -> (conv, norm layer or None) for (dtype, train): a new kind is one entry here.
+# norm -> (conv, norm layer or None) for (dtype, train, bn_groups): a new kind is
+# one entry here.
 LAYERS = {
     # Under BN a conv bias is redundant (torchvision has none). torchvision's momentum
-    # 0.1 weighs the new batch; flax's weighs the running mean.
-    'batch': lambda dtype, train: (
+    # 0.1 weighs the new batch; flax's weighs the running mean. bn_groups > 1:
+    # statistics per device (DDP's), else over the global batch (synchronized BN).
+    'batch': lambda dtype, train, bn_groups: (
         functools.partial(nn.Conv, use_bias=False, kernel_init=HE_INIT, dtype=dtype),
+        functools.partial(GroupedBatchNorm, num_groups=bn_groups, use_running_average=not train,
+                          momentum=0.9, epsilon=1e-5, dtype=dtype) if bn_groups > 1 else
         functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
                           epsilon=1e-5, dtype=dtype)),
-    'weight': lambda dtype, train: (
+    'weight': lambda dtype, train, bn_groups: (
         functools.partial(WNConv, kernel_init=HE_INIT, dtype=dtype), None),
-    'none': lambda dtype, train: (
+    'none': lambda dtype, train, bn_groups: (
         functools.partial(nn.Conv, use_bias=True, kernel_init=HE_INIT, dtype=dtype), None),
 }
 NORMS = tuple(LAYERS)
@@ -121,16 +125,22 @@ class ResNet(nn.Module):
   stem: str = 'imagenet'
   remat: bool = False
   dtype: Any = jnp.float32
+  head_dropout_rate: float | None = None  # Before the classifier; None: dropout_rate.
+  bn_groups: int = 1  # norm='batch': batch statistics per this many slices (devices).
 
   def __post_init__(self):
     if self.norm not in NORMS:
       raise ValueError(f'norm={self.norm!r} is not one of: {", ".join(NORMS)}')
     check_arguments(self.stem, self.width, self.dropout_rate)
+    if self.head_dropout_rate is not None and not 0 <= self.head_dropout_rate < 1:
+      raise ValueError(f'head_dropout_rate={self.head_dropout_rate!r} must be in [0, 1)')
+    if not (isinstance(self.bn_groups, int) and self.bn_groups > 0):
+      raise ValueError(f'bn_groups={self.bn_groups!r} must be a positive integer')
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv, norm = LAYERS[self.norm](self.dtype, train)
+    conv, norm = LAYERS[self.norm](self.dtype, train, self.bn_groups)
     kernel, strides = (7, 2) if self.stem == 'imagenet' else (3, 1)
     x = square_conv(conv, self.width, kernel, strides, 'stem_conv')(x)
     x = nn.relu(x if norm is None else norm(name='stem_norm')(x))
@@ -147,7 +157,8 @@ class ResNet(nn.Module):
                       name=f'stage{i + 1}_block{j}')(x, train)
 
     x = jnp.mean(x, axis=(1, 2))
-    x = Dropout(self.dropout_rate, deterministic=not train)(x)
+    head_rate = self.dropout_rate if self.head_dropout_rate is None else self.head_dropout_rate
+    x = Dropout(head_rate, deterministic=not train)(x)
     # torchvision's nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head',
                  kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'))(x)

@@ -224,3 +224,36 @@ def test_create_model_by_name():
       'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'}
   with pytest.raises(ValueError, match="'resnet19' is not one of: resnet18, resnet34, resnet50"):
     create_model('resnet19')
+
+
+def test_per_device_batch_statistics_equal_a_loop_over_the_shards():
+  """bn_groups=2 (model.bn_stats='per_device' on 2 devices): each half of the
+  batch is normalized with its own statistics, as if run alone."""
+  x = jax.random.normal(KEY(3), (4, 16, 16, 3))
+  grouped = _tiny('resnet18', 'batch', bn_groups=2, dropout_rate=0.0)
+  plain = _tiny('resnet18', 'batch', dropout_rate=0.0)
+  variables = plain.init(KEY(0), x, train=False)
+  apply = lambda model, v, x: model.apply(v, x, train=True, rngs={'dropout': KEY(1)},
+                                          mutable=['batch_stats'])
+  logits, updated = apply(grouped, variables, x)
+  halves = [apply(plain, variables, half) for half in (x[:2], x[2:])]
+  np.testing.assert_allclose(logits, jnp.concatenate([h[0] for h in halves]), atol=2e-5)
+  # Running statistics move by the mean of the two halves' statistics.
+  mean = lambda u: u['batch_stats']['stem_norm']['mean']
+  np.testing.assert_allclose(mean(updated), (mean(halves[0][1]) + mean(halves[1][1])) / 2,
+                             atol=1e-6)
+
+
+def test_head_dropout_rate_is_apart_from_the_branch_dropout():
+  x = jax.random.normal(KEY(3), (4, 16, 16, 3))
+  variables = _tiny('resnet18', 'weight').init(KEY(0), x, train=False)
+  run = lambda **rates: _tiny('resnet18', 'weight', **rates).apply(
+      variables, x, train=True, rngs={'dropout': KEY(1)})
+  eval_logits = _tiny('resnet18', 'weight').apply(variables, x, train=False)
+  # Branch dropout off and head dropout off: training logits equal eval's.
+  np.testing.assert_allclose(run(dropout_rate=0.0, head_dropout_rate=0.0), eval_logits,
+                             atol=1e-5)
+  assert not np.allclose(run(dropout_rate=0.0, head_dropout_rate=0.5), eval_logits, atol=1e-3)
+  assert not np.allclose(run(dropout_rate=0.3, head_dropout_rate=0.0), eval_logits, atol=1e-3)
+  with pytest.raises(ValueError, match=r'head_dropout_rate=1.0 must be in \[0, 1\)'):
+    _tiny('resnet18', 'weight', head_dropout_rate=1.0)
