@@ -6,9 +6,12 @@ import os
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from bnfree_jax import input_pipeline as ip
+from bnfree_jax import input_tfds
 
 DEBIAN_FASHION = '/usr/share/datasets/fashion-mnist'
 
@@ -170,6 +173,35 @@ def test_mock_tfds_shapes_masks_and_determinism(tmp_path, name, image_size):
     assert [b['mask'].sum() for b in evals] == [8, 8, 4]
     assert not evals[-1]['mask'][4:].any()
     _assert_split_equals_whole(config, evals, 4, _eval)
+
+
+def _pil_bilinear(image, size):
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), np.float32)
+
+
+def test_imagenet_crop_is_downsized_as_pil_does():
+  # Pixel noise: every source pixel differs from its neighbours, so sampling
+  # a few of them (aliasing) is far from averaging all of them (PIL).
+  noise = np.random.default_rng(0).integers(0, 256, (300, 260, 3), np.uint8)
+  jpeg = tf.io.encode_jpeg(noise, quality=100)
+  # The eval crop: the central 87.5% of the short side, 227 px, to 64 px.
+  crop = tf.io.decode_jpeg(jpeg).numpy()[36:36 + 227, 16:16 + 227]
+  want = _pil_bilinear(crop, 64)
+  got = input_tfds._decode_crop(jpeg, 64, None).numpy()
+  assert np.abs(got - want).mean() < 2
+  assert np.abs(tf.image.resize(crop, (64, 64)).numpy() - want).mean() > 20
+
+
+def test_resizing_in_memory_data_downsizes_as_pil_does():
+  config = _config(image_size=24, synthetic=dict(image_size=64, channels=3, num_classes=4,
+                                                 num_train=100, num_eval=10))
+  images, _ = ip._arrays(config, train=False)
+  (batch,) = _eval(config, 16)
+  got = batch['image'][:10] * (0.24 * 255) + 0.5 * 255
+  want = np.stack([_pil_bilinear(image, 24) for image in images])
+  assert np.abs(got - want).mean() < 2
+  aliased = tf.image.resize(images, (24, 24)).numpy()
+  assert np.abs(aliased - want).mean() > 20
 
 
 def test_missing_mnist_names_every_place_looked(tmp_path):
