@@ -20,9 +20,10 @@
            Epoch-based LR settings shrink by 20 / the row's epochs, as for
            'small'; the clipping threshold's per-epoch schedule spans the 20
            epochs, where 'log_curve' and 'log' differ (epoch 1: 15.4 vs 5.6).
-           The whole test split is evaluated every 2 epochs: one evaluation
-           costs about half an epoch of training, so every epoch would make
-           the run half as long again, while 10 points still trace the gap.
+           The whole test split is evaluated every 2 epochs: an evaluation
+           costs a third of an epoch of training (8 s against 23 s on the
+           2-core VM), so 10 of them add some 15% to the run and one per epoch
+           would add 35%; 10 points still trace the gap.
   'tiny'   a few steps on 16 px synthetic data at width 8, for smoke tests.
 
 Readings of the paper where it is not explicit (every row takes the same
