@@ -320,6 +320,10 @@ def evaluate(s: Setup, variables, eval_fn, prefix: str = logs.EVAL) -> dict:
       process_index=jax.process_index(), process_count=jax.process_count()):
     batch_metrics = eval_fn(variables, runtime.global_array(data, local))
     total = batch_metrics if total is None else total.merge(batch_metrics)
+    # One batch in flight: with every batch queued at once (the numpy input
+    # is instant), CPU devices of one process deadlocked in the eval's
+    # all-reduce, one device's queue full of launches waiting on the other.
+    jax.block_until_ready(total)
   return {logs.tag(prefix, k): float(v) for k, v in total.compute().items()}
 
 
@@ -458,8 +462,12 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
         writer.write_histograms(step, {logs.tag(logs.GRAD_HISTOGRAM, k): v
                                        for k, v in samples.items()})
       state, finite = train_fn(state, batch)
-      if check_finite and previous is not None:
-        _ensure_finite(*previous, last_saved, mngr.directory)
+      if previous is not None:
+        # Waiting for the previous step keeps one step in flight: a bounded
+        # queue per device (see evaluate), whatever on_nonfinite says.
+        jax.block_until_ready(previous[1])
+        if check_finite:
+          _ensure_finite(*previous, last_saved, mngr.directory)
       previous = (step, finite)
 
       done = step + 1
