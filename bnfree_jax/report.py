@@ -331,7 +331,7 @@ def _histogram_figure(runs, axis, stage):
 
 
 def write_figures(runs, out_dir, hist_stage='stage2'):
-  """Writes the PNGs named in _FIGURES into out_dir."""
+  """Writes the PNGs named in _FIGURES into out_dir; returns {name: Figure}."""
   # Epochs when every run can convert steps, so all curves share one axis.
   axis = 'epoch' if all(r.steps_per_epoch for r in runs) else 'step'
   figures = {}
@@ -366,6 +366,7 @@ def write_figures(runs, out_dir, hist_stage='stage2'):
 
   for name, fig in figures.items():
     fig.savefig(os.path.join(out_dir, f'{name}.png'), dpi=_DPI)
+  return figures
 
 
 # ---------------------------------------------------------------- report ----
