@@ -74,8 +74,10 @@ def test_local_sh_runs_one_process_outside_slurm(tmp_path):
   """Inside an allocation, the trainer must not see the launcher's variables
   (it would wait for peers); the rest of the environment and the exit code
   pass through. $PYTHON is the interpreter local.sh runs."""
-  python = stub(tmp_path / 'bin', 'python', 'echo "args: $*"\n'
-                'for v in SLURM_NTASKS OMPI_COMM_WORLD_SIZE JAX_COORDINATOR_ADDRESS SLURM_JOB_ID; do\n'
+  python = stub(tmp_path / 'bin', 'python',
+                'echo "args: $*"\n'
+                'for v in SLURM_NTASKS OMPI_COMM_WORLD_SIZE JAX_COORDINATOR_ADDRESS \\\n'
+                '         SLURM_JOB_ID; do\n'
                 '  echo "$v=${!v-unset}"\n'
                 'done\nexit 3\n')
   env = {**os.environ, 'PYTHON': str(python), 'SLURM_NTASKS': '8', 'OMPI_COMM_WORLD_SIZE': '4',
