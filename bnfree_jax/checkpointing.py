@@ -88,3 +88,21 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> bool:
   """Starts saving state as `step`; the trainer decides when, so orbax's own
   interval policy is bypassed."""
   return mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def read_variables(source: str) -> tuple[int, dict]:
+  """(step, {'params', 'batch_stats'} as numpy) of the newest checkpoint of
+  workdir `source`, or of the checkpoint directory source = .../STEP."""
+  path = epath.Path(source).absolute()
+  directory, step = (path / 'checkpoints', None) if (path / 'checkpoints').is_dir() else (
+      path.parent, path.name)
+  if step is not None and not step.isdigit():
+    raise ValueError(f'{source} is neither a workdir (with checkpoints/) nor a checkpoint '
+                     'directory (WORKDIR/checkpoints/STEP)')
+  with ocp.CheckpointManager(directory) as mngr:
+    step = int(step) if step is not None else mngr.latest_step()
+    if step is None:
+      raise ValueError(f'{source} holds no checkpoint')
+    # No target: the tree as saved, whatever optimizer or model wrote it.
+    saved = mngr.restore(step, args=ocp.args.StandardRestore())
+  return step, {k: jax.device_get(saved.get(k, {})) for k in ('params', 'batch_stats')}

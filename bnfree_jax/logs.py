@@ -10,6 +10,8 @@ import numpy as np
 import tensorboardX
 
 TRAIN, EVAL = 'train', 'eval'       # Prefixes of the metrics.TrainMetrics/EvalMetrics names.
+TRAIN_EPOCH = 'train_epoch'         # metrics.EpochMetrics: averages over whole epochs.
+EVAL_EMA = 'eval_ema'               # EvalMetrics of the parameters' moving average.
 EPOCH = 'train/epoch'
 STEPS_PER_SEC = 'steps_per_sec'
 IMAGES_PER_SEC = 'perf/images_per_sec'        # Training steps only, evaluation excluded.

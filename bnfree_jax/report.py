@@ -24,11 +24,14 @@ from tensorboard.util import tensor_util
 from bnfree_jax import logs, optim, workdir as workdirs
 
 _DPI = 110
+HIST_LAYER = 'stage2_block1.conv2'  # configs/default.py's histogram_layer, as tagged.
 # File stem -> caption in report.md; {stage} is --hist-stage.
 _FIGURES = {
     'loss': 'Training and validation loss (paper Figs. 2, 4-8)',
     'accuracy': 'Training and validation top-1 (paper Figs. 4-8)',
     'grad_histograms': 'Gradient magnitudes of {stage} over training (paper Fig. 3)',
+    'grad_histogram_layer': 'Gradient magnitudes of the layer {layer} over training '
+                            "(paper Fig. 3: ResNet-18's ninth layer)",
     'schedules': 'Learning rate and clipping threshold (paper Fig. 9; dotted: the '
                  "threshold's other log shape, grad_clip.mode log vs log_curve)",
     'grad_norms': 'Gradient global norm and clipping threshold',
@@ -190,6 +193,13 @@ def _progress_cells(run):
   return f'{done:,} / {epochs}', '; '.join(notes)
 
 
+def _train_top1(run):
+  """The paper's "training accuracy": the top-1 over each whole epoch where
+  logged (train_epoch/top1), else over each log interval (older runs)."""
+  epoch = logs.tag(logs.TRAIN_EPOCH, 'top1')
+  return epoch if epoch in run.scalars else logs.tag(logs.TRAIN, 'top1')
+
+
 def _results_table(runs):
   with_paper = any(isinstance(r.config.get('paper'), dict) for r in runs)
   head = ['run', 'model', 'norm', 'LR schedule', 'clip', 'dropout', 'steps / epochs',
@@ -202,7 +212,7 @@ def _results_table(runs):
     row = [run.name, _get(run.config, 'model.name'), _get(run.config, 'model.norm'),
            _lr_cell(run.config), _clip_cell(run.config), _get(run.config, 'model.dropout_rate'),
            steps_epochs,
-           f'{_fmt(_last(run, "train/top1"), 100)} / {_fmt(_best(run, "train/top1"), 100)}',
+           f'{_fmt(_last(run, _train_top1(run)), 100)} / {_fmt(_best(run, _train_top1(run)), 100)}',
            f'{_fmt(val, 100)} / {_fmt(_best(run, "eval/top1"), 100)}']
     if with_paper:
       paper = run.config.get('paper') or {}
@@ -330,7 +340,7 @@ def _histogram_figure(runs, axis, stage):
   return fig
 
 
-def write_figures(runs, out_dir, hist_stage='stage2'):
+def write_figures(runs, out_dir, hist_stage='stage2', hist_layer=HIST_LAYER):
   """Writes the PNGs named in _FIGURES into out_dir; returns {name: Figure}."""
   # Epochs when every run can convert steps, so all curves share one axis.
   axis = 'epoch' if all(r.steps_per_epoch for r in runs) else 'step'
@@ -347,6 +357,7 @@ def write_figures(runs, out_dir, hist_stage='stage2'):
   figures['accuracy'] = fig
 
   figures['grad_histograms'] = _histogram_figure(runs, axis, hist_stage)
+  figures['grad_histogram_layer'] = _histogram_figure(runs, axis, hist_layer)
 
   fig, (a, b) = _figure(runs, 2)
   clip_tag = logs.tag(logs.TRAIN, 'clip_threshold')
@@ -372,19 +383,20 @@ def write_figures(runs, out_dir, hist_stage='stage2'):
 # ---------------------------------------------------------------- report ----
 
 
-def write_report(run_dirs, out_dir, hist_stage='stage2'):
+def write_report(run_dirs, out_dir, hist_stage='stage2', hist_layer=HIST_LAYER):
   """Writes out_dir/report.md and its figures; returns the report's path."""
   for run_dir in run_dirs:  # All checked before the slow reading starts.
     _check_run_dir(run_dir)
   runs = [load_run(d) for d in run_dirs]
   os.makedirs(out_dir, exist_ok=True)
-  write_figures(runs, out_dir, hist_stage)
+  write_figures(runs, out_dir, hist_stage, hist_layer)
   lines = [
       '# Training report', '',
       'Runs: ' + ', '.join(f'`{d}`' for d in run_dirs), '',
       '## Top-1 accuracy (%) (paper Tables 1-6)', '',
       _results_table(runs), '',
-      'Final: the last logged value (train top-1 averages the last log interval); '
+      'Final: the last logged value (train top-1 is the average over each whole epoch, '
+      'train_epoch/top1, where the run logged it; else over each log interval); '
       'best: the highest logged. Δ val compares the final validation top-1 with the '
       "paper's, for runs on the paper's dataset (ImageNet) only.",
       '', '## Time and memory (paper Table 7)', '',
@@ -392,7 +404,8 @@ def write_report(run_dirs, out_dir, hist_stage='stage2'):
       'Medians over the logged points after the first, which includes compilation; '
       'memory is the highest logged peak.', '', '## Figures', '']
   for name, caption in _FIGURES.items():
-    lines += [f'### {caption.format(stage=hist_stage)}', '', f'![{name}]({name}.png)', '']
+    lines += [f'### {caption.format(stage=hist_stage, layer=hist_layer)}', '',
+              f'![{name}]({name}.png)', '']
   path = os.path.join(out_dir, 'report.md')
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
@@ -408,11 +421,14 @@ def main(argv=None) -> int:
   parser.add_argument('--out', required=True, metavar='DIR',
                       help='where report.md and the PNGs go (created if missing)')
   parser.add_argument('--hist-stage', default='stage2',
-                      help='stage of the gradient-magnitude heatmaps (stem, stage1..4, head); '
-                           "stage2 is roughly the paper's ninth layer")
+                      help='stage of the per-stage gradient-magnitude heatmaps (stem, '
+                           'stage1..4, head)')
+  parser.add_argument('--hist-layer', default=HIST_LAYER,
+                      help='layer of the one-layer heatmaps, as logged (config.histogram_layer, '
+                           "'/' written '.'); the default is ResNet-18's ninth, the paper's Fig. 3")
   args = parser.parse_args(argv)
   try:
-    path = write_report(args.run_dirs, args.out, args.hist_stage)
+    path = write_report(args.run_dirs, args.out, args.hist_stage, args.hist_layer)
   except ReportError as e:
     print(f'{parser.prog}: error: {e}', file=sys.stderr)
     return 2

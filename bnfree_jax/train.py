@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import time
 from typing import Any
 
@@ -37,11 +38,17 @@ class Preempted(RuntimeError):
 
 
 class TrainState(flax.struct.PyTreeNode):
+  """Everything a run needs to go on exactly, checkpointed whole: the metric
+  accumulators too, so a run stopped between two log steps logs, once
+  resumed, what it would have logged uninterrupted."""
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
   skipped: jax.Array  # Steps left out because they were not finite.
+  ema: Any            # {'params', 'batch_stats'} averaged; {} with ema_decay=0.
+  train_metrics: metrics.TrainMetrics  # Since the last log step.
+  epoch_metrics: metrics.EpochMetrics  # Since the epoch began.
 
 
 # ---------------------------------------------------------------- setup ----
@@ -79,6 +86,11 @@ def setup(config, devices=None) -> Setup:
          f"on_nonfinite={config.on_nonfinite!r} is not one of: stop, skip")
   check(not config.model.wn_data_init or config.model.norm == 'weight',
          f"model.wn_data_init=True needs model.norm='weight', not {config.model.norm!r}")
+  check(0 <= config.label_smoothing < 1,
+        f'label_smoothing={config.label_smoothing!r} must be in [0, 1)')
+  check(0 <= config.ema_decay < 1, f'ema_decay={config.ema_decay!r} must be in [0, 1) (0: off)')
+  check(not config.init_from or os.path.isdir(config.init_from),
+        f'init_from={config.init_from!r} is not a directory (a workdir or WORKDIR/checkpoints/STEP)')
   check(config.compute_dtype in COMPUTE_DTYPES,
          f"compute_dtype={config.compute_dtype!r} is not one of: {', '.join(COMPUTE_DTYPES)}")
 
@@ -117,6 +129,13 @@ def setup(config, devices=None) -> Setup:
       dtype=COMPUTE_DTYPES[config.compute_dtype], **extra)
   optimizer = optim.create_optimizer(config, steps_per_epoch, total_steps,
                                      models.weight_decay_mask)
+  if config.histogram_layer:
+    params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                            jnp.zeros((1, *info.image_shape)))['params']
+    layers = metrics.layer_names(params)
+    check(config.histogram_layer in layers,
+          f'histogram_layer={config.histogram_layer!r} is not a layer of {config.model.name}; '
+          f"e.g. {', '.join(layers[:3])}, ... ('' for none)")
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   return Setup(config, info, model, optimizer, mesh, steps_per_epoch,
                total_steps, eval_every, eval_batch_size)
@@ -140,19 +159,25 @@ def init_state(s: Setup, batch=None) -> TrainState:
     variables = s.model.init({'params': key, 'dropout': key}, image, train=False)
     if batch is not None:
       variables = models.data_dependent_init(s.model, variables, batch['image'])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                      batch_stats=variables.get('batch_stats', {}),
-                      opt_state=s.optimizer.tx.init(variables['params']),
-                      skipped=jnp.zeros((), jnp.int32))
+    return new_state(s, variables['params'], variables.get('batch_stats', {}))
   return init(batch)
 
 
-def _loss_and_grads(model, state, batch, dropout_key):
+def new_state(s: Setup, params, batch_stats) -> TrainState:
+  """The state at step 0 of a run starting from these variables."""
+  ema = {'params': params, 'batch_stats': batch_stats} if s.config.ema_decay > 0 else {}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=s.optimizer.tx.init(params), skipped=jnp.zeros((), jnp.int32),
+                    ema=ema, train_metrics=metrics.TrainMetrics.empty(),
+                    epoch_metrics=metrics.EpochMetrics.empty())
+
+
+def _loss_and_grads(model, state, batch, dropout_key, label_smoothing):
   def loss_fn(params):
     logits, updated = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
         train=True, rngs={'dropout': dropout_key}, mutable=['batch_stats'])
-    per_example = metrics.per_example(logits, batch['label'])
+    per_example = metrics.per_example(logits, batch['label'], label_smoothing)
     return per_example['loss'].mean(), (per_example, updated.get('batch_stats', {}))
   return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
@@ -162,9 +187,10 @@ def _dropout_key(config, step):
 
 
 def train_step(state: TrainState, batch, *, s: Setup):
-  """One SGD step on a global batch: (state, batch) -> (state, metrics, finite)."""
+  """One SGD step on a global batch: (state, batch) -> (state, finite). The
+  step's metrics are merged into the state's accumulators."""
   (_, (per_example, batch_stats)), grads = _loss_and_grads(
-      s.model, state, batch, _dropout_key(s.config, state.step))
+      s.model, state, batch, _dropout_key(s.config, state.step), s.config.label_smoothing)
   grad_norm = optax.tree.norm(grads)  # Before clipping.
   updates, opt_state = s.optimizer.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -178,14 +204,34 @@ def train_step(state: TrainState, batch, *, s: Setup):
       batch_stats=jax.tree.map(keep, batch_stats, state.batch_stats),
       opt_state=_skip_update_keep_counts(finite, opt_state, state.opt_state),
       skipped=state.skipped + (~finite).astype(jnp.int32))
+  new = new.replace(ema=_ema_update(s.config, state.step, state.ema,
+                                    {'params': new.params, 'batch_stats': new.batch_stats}))
 
   threshold = (s.optimizer.clip_threshold(state.step)
                if s.optimizer.clip_threshold else jnp.inf)
   step_metrics = metrics.TrainMetrics.single_from_model_output(
       **per_example, grad_norm=grad_norm, clipped=(grad_norm > threshold).astype(jnp.float32),
-      learning_rate=s.optimizer.learning_rate(state.step), clip_threshold=threshold,
-      param_norm=optax.tree.norm(new.params), skipped_steps=new.skipped, finite=finite)
-  return new, step_metrics, finite
+      learning_rate=s.optimizer.learning_rate(state.step),
+      clip_threshold=jnp.asarray(threshold, jnp.float32),
+      param_norm=optax.tree.norm(new.params), skipped_steps=new.skipped.astype(jnp.float32),
+      finite=finite)
+  return new.replace(
+      train_metrics=state.train_metrics.merge(step_metrics),
+      epoch_metrics=state.epoch_metrics.merge(
+          metrics.EpochMetrics.single_from_model_output(**per_example, finite=finite))), finite
+
+
+def _ema_update(config, step, ema, new):
+  """ema <- d * ema + (1 - d) * new, with d = ema_decay, or during the
+  warm-up min(ema_decay, (1 + step) / (10 + step)) so that the first steps'
+  random weights fade fast. After a skipped step new is the old state, so
+  the average moves towards values it already holds."""
+  if not ema:
+    return ema
+  decay = jnp.asarray(config.ema_decay, jnp.float32)
+  if config.ema_warmup:
+    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, n: (decay * e + (1 - decay) * n).astype(e.dtype), ema, new)
 
 
 def _skip_update_keep_counts(finite, new, old):
@@ -207,15 +253,19 @@ def jit_train_step(s: Setup):
 
 
 def gradient_summaries(state: TrainState, batch, *, s: Setup):
-  """Per-layer gradient norms and per-stage log-magnitude samples of the
-  gradient the train step at this state and batch will take."""
-  _, grads = _loss_and_grads(s.model, state, batch, _dropout_key(s.config, state.step))
-  return metrics.layer_grad_norms(grads), metrics.grad_magnitude_samples(grads)
+  """Per-layer gradient norms and per-stage (and config.histogram_layer's)
+  log-magnitude samples of the gradient the train step at this state and
+  batch will take."""
+  _, grads = _loss_and_grads(s.model, state, batch, _dropout_key(s.config, state.step),
+                             s.config.label_smoothing)
+  return (metrics.layer_grad_norms(grads),
+          metrics.grad_magnitude_samples(grads, s.config.histogram_layer))
 
 
-def eval_step(state: TrainState, batch, *, s: Setup):
-  logits = s.model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                         batch['image'], train=False)
+def eval_step(variables, batch, *, s: Setup):
+  """Metrics of the model with `variables` ({'params', 'batch_stats'}) on a
+  padded eval batch; the padding counts for nothing."""
+  logits = s.model.apply(variables, batch['image'], train=False)
   return metrics.EvalMetrics.single_from_model_output(
       **metrics.per_example(logits, batch['label']), mask=batch['mask'])
 
@@ -249,32 +299,41 @@ def train_and_evaluate(run, workdir: str, devices=None,
     return _train_and_evaluate(s, workdir, stop)
 
 
-def evaluate(s: Setup, state, eval_fn) -> dict:
-  """Loss, top-1 and top-5 over the whole eval split, each example once."""
+def evaluate(s: Setup, variables, eval_fn, prefix: str = logs.EVAL) -> dict:
+  """Loss, top-1 and top-5 of the model with `variables` over the whole eval
+  split, each example once."""
   data = NamedSharding(s.mesh, P('data'))
   total = None
   for local in input_pipeline.eval_batches(
       s.config, local_batch_size=s.eval_batch_size // jax.process_count(),
       process_index=jax.process_index(), process_count=jax.process_count()):
-    batch_metrics = eval_fn(state, runtime.global_array(data, local))
+    batch_metrics = eval_fn(variables, runtime.global_array(data, local))
     total = batch_metrics if total is None else total.merge(batch_metrics)
-  return {logs.tag(logs.EVAL, k): float(v) for k, v in total.compute().items()}
+  return {logs.tag(prefix, k): float(v) for k, v in total.compute().items()}
 
 
 def _evaluate_and_log(s: Setup, state, eval_fn, writer, step: int) -> dict:
+  """Evaluates the parameters, and their moving average where kept."""
   t0 = time.perf_counter()
-  results = evaluate(s, state, eval_fn)
+  runs = [(logs.EVAL, {'params': state.params, 'batch_stats': state.batch_stats})]
+  if state.ema:
+    runs.append((logs.EVAL_EMA, state.ema))
+  results = {}
+  for prefix, variables in runs:
+    values = evaluate(s, variables, eval_fn, prefix)
+    _log('step %d  %s loss %.4f  top1 %.2f%%  top5 %.2f%%', step, prefix,
+         *(values[logs.tag(prefix, k)] * (1 if k == 'loss' else 100)
+           for k in ('loss', 'top1', 'top5')))
+    results.update(values)
   writer.write_scalars(step, {**results, logs.EVAL_SECONDS: time.perf_counter() - t0})
-  _log('step %d  eval loss %.4f  top1 %.2f%%  top5 %.2f%%  (%.1f s)', step,
-       results['eval/loss'], 100 * results['eval/top1'], 100 * results['eval/top5'],
-       time.perf_counter() - t0)
   return results
 
 
-def _log_train(s: Setup, writer, step: int, train_metrics, train_seconds: float, steps: int):
+def _log_train(s: Setup, writer, step: int, state, train_seconds: float, steps: int):
   """Writes and prints the averages of the last `steps` steps, which took
   train_seconds (evaluations excluded)."""
-  values = {logs.tag(logs.TRAIN, k): float(v) for k, v in train_metrics.compute().items()}
+  values = {logs.tag(logs.TRAIN, k): float(v)
+            for k, v in state.train_metrics.compute().items()}
   if s.optimizer.clip_threshold is None:
     del values['train/clip_threshold'], values['train/clipped_fraction']
   images_per_sec = steps * s.config.batch_size / train_seconds
@@ -288,6 +347,12 @@ def _log_train(s: Setup, writer, step: int, train_metrics, train_seconds: float,
        step, s.total_steps, values[logs.EPOCH], values['train/loss'],
        100 * values['train/top1'], images_per_sec,
        logs.format_duration((s.total_steps - step) * train_seconds / steps))
+
+
+def _log_epoch(writer, step: int, state):
+  """Writes the averages over the epoch that ends at `step`."""
+  writer.write_scalars(step, {logs.tag(logs.TRAIN_EPOCH, k): float(v)
+                              for k, v in state.epoch_metrics.compute().items()})
 
 
 def _log(message, *args):
@@ -353,6 +418,10 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
       first = (runtime.global_array(data, next(train_batches(start_step=0)))
                if config.model.wn_data_init else None)
       state = init_state(s, first)
+      if config.init_from:
+        state = _start_from(s, state, config.init_from)
+    elif config.init_from:
+      _log('init_from=%s ignored: the run resumes from its own checkpoint.', config.init_from)
     start = int(state.step)
     _log('Training %s (norm=%s) on %s: steps %d..%d of %d, %d steps/epoch, '
          'global batch %d over %d devices.', config.model.name, config.model.norm,
@@ -366,7 +435,7 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
     # non-finite step; its flag is read one step late (except before any of
     # those) to keep one step in flight on the device.
     check_finite = config.on_nonfinite == 'stop'
-    results, train_metrics, previous = {}, None, None
+    results, previous = {}, None
     last_saved, interval_start, interval_t0 = mngr.latest_step(), start, time.perf_counter()
     batches = train_batches(start_step=start)
     for step in range(start, s.total_steps):
@@ -377,9 +446,7 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
                                     for k, v in norms.items()})
         writer.write_histograms(step, {logs.tag(logs.GRAD_HISTOGRAM, k): v
                                        for k, v in samples.items()})
-      state, step_metrics, finite = train_fn(state, batch)
-      train_metrics = (step_metrics if train_metrics is None
-                       else train_metrics.merge(step_metrics))
+      state, finite = train_fn(state, batch)
       if check_finite and previous is not None:
         _ensure_finite(*previous, last_saved, mngr.directory)
       previous = (step, finite)
@@ -387,13 +454,22 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
       done = step + 1
       last = done == s.total_steps
       log_now = done % config.log_every_steps == 0 or last
+      epoch_done = done % s.steps_per_epoch == 0
       eval_now = done % s.eval_every_steps == 0 or last
-      if check_finite and (log_now or eval_now):
+      if check_finite and (log_now or epoch_done or eval_now):
         _ensure_finite(step, finite, last_saved, mngr.directory)
+      # Logged accumulators restart from empty, before any save: a checkpoint
+      # holds exactly what the next log must average.
       if log_now:
-        _log_train(s, writer, done, train_metrics, time.perf_counter() - interval_t0,
+        _log_train(s, writer, done, state, time.perf_counter() - interval_t0,
                    done - interval_start)
-        train_metrics, interval_start, interval_t0 = None, done, time.perf_counter()
+        state = state.replace(train_metrics=jax.device_put(metrics.TrainMetrics.empty(),
+                                                           replicated))
+        interval_start, interval_t0 = done, time.perf_counter()
+      if epoch_done:
+        _log_epoch(writer, done, state)
+        state = state.replace(epoch_metrics=jax.device_put(metrics.EpochMetrics.empty(),
+                                                           replicated))
       if eval_now:
         t0 = time.perf_counter()
         results = _evaluate_and_log(s, state, eval_fn, writer, done)
@@ -410,3 +486,39 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
         raise Preempted(f'{stop.received or "a stop signal"} received: saved a '
                         f'checkpoint at step {done} in {mngr.directory}')
   return results
+
+
+def _start_from(s: Setup, state: TrainState, source: str) -> TrainState:
+  """A fresh state whose parameters and BN statistics come from the newest
+  checkpoint of workdir `source` (or checkpoint directory source/STEP),
+  except a head whose class count differs, which keeps its fresh values."""
+  try:
+    step, saved = checkpointing.read_variables(source)
+  except ValueError as e:
+    raise InputError(f'init_from: {e}') from e
+  loaded, new, variables = [], [], {}
+  for collection in ('params', 'batch_stats'):
+    fresh = flax.traverse_util.flatten_dict(getattr(state, collection), sep='/')
+    given = flax.traverse_util.flatten_dict(saved.get(collection, {}), sep='/')
+    extra = sorted(set(given) - set(fresh))
+    if extra:
+      raise InputError(f'init_from={source}: {collection} {extra[0]} {given[extra[0]].shape} is '
+                       f'not in {s.config.model.name} (norm={s.config.model.norm}): another model')
+    out = {}
+    for path, value in fresh.items():
+      if path in given and given[path].shape == value.shape:
+        out[path] = given[path].astype(value.dtype)
+        loaded.append(path)
+      elif path.startswith('head/'):
+        out[path] = value  # Another class count: the head starts afresh.
+        new.append(f'{path} {value.shape}' + (f' (was {given[path].shape})' if path in given else ''))
+      else:
+        was = given[path].shape if path in given else 'missing'
+        raise InputError(f'init_from={source}: {collection} {path} is {was}, '
+                         f'{s.config.model.name} needs {value.shape}: another model')
+    variables[collection] = flax.traverse_util.unflatten_dict(out, sep='/')
+  _log('init_from %s (step %d): %d arrays loaded; new: %s', source, step, len(loaded),
+       ', '.join(new) or 'none')
+  replicated = NamedSharding(s.mesh, P())
+  return jax.jit(functools.partial(new_state, s), out_shardings=replicated)(
+      variables['params'], variables['batch_stats'])

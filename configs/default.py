@@ -82,8 +82,22 @@ def get_config():
   ))
 
   c.seed = 0
+  c.label_smoothing = 0.0        # Training loss only; eval loss is plain cross-entropy.
+  # Exponential moving average of the parameters (and BN statistics), updated
+  # every step and evaluated as eval_ema/*; 0 -> off. ema_warmup: the decay
+  # is min(ema_decay, (1 + t) / (10 + t)) at step t, as TF's and timm's.
+  c.ema_decay = 0.0
+  c.ema_warmup = True
+  # Fine-tuning: a workdir (its newest checkpoint) or a checkpoint directory
+  # (WORKDIR/checkpoints/STEP) whose parameters and BN statistics a fresh run
+  # starts from; a head of another class count is initialised anew. Ignored
+  # once the run has checkpoints of its own.
+  c.init_from = ''
   c.log_every_steps = 100
   c.histogram_every_steps = 500  # Gradient-magnitude histograms (paper Fig. 3).
+  # One layer's histogram too, as Fig. 3 shows "the ninth layer": ResNet-18's
+  # ninth weight layer (stem 1, stage1 2-5, stage2 6-9); '' -> none.
+  c.histogram_layer = 'stage2_block1/conv2'
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.eval_every_steps = -1        # -1 -> once per epoch.

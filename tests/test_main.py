@@ -208,3 +208,22 @@ def test_unwritable_workdir(tmp_path, monkeypatch):
       False if str(path) == str(tmp_path) and mode == os.W_OK else real(path, mode)))
   with pytest.raises(workdirs.InputError, match=f'^workdir {tmp_path} is not writable$'):
     workdirs.check_workdir(helpers.tiny_config(), str(tmp_path))
+
+
+def test_help_and_a_config_file_anywhere(tmp_path):
+  """--help prints the usage; a recipe outside the repository, run from
+  another directory, imports the installed configs package."""
+  out = subprocess.run([sys.executable, '-m', 'bnfree_jax.main', '--help'], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0
+  for text in ('--config CONFIG.py[:arg]', '--config.key=value', 'configs/default.py',
+               '75 preempted'):
+    assert text in out.stdout, text
+  (tmp_path / 'mine.py').write_text(
+      'from configs import fashion_mnist\n\n\ndef get_config():\n'
+      '  c = fashion_mnist.get_config()\n  c.dataset = "synthetic"\n  return c\n')
+  out = subprocess.run([sys.executable, '-m', 'bnfree_jax.main', '--config', 'mine.py',
+                        '--workdir', 'run', '--config.batch_size=0'], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+  assert (out.returncode, out.stderr) == (2, 'error: batch_size=0 must be an integer > 0\n')
+  assert not (tmp_path / 'run').exists()

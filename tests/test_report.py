@@ -8,7 +8,7 @@ import pytest
 
 from bnfree_jax import logs, report
 
-FIGURES = ('loss', 'accuracy', 'grad_histograms', 'schedules', 'grad_norms')
+FIGURES = ('loss', 'accuracy', 'grad_histograms', 'grad_histogram_layer', 'schedules', 'grad_norms')
 
 
 def _write_run(run_dir, config, scalars, hists=()):
