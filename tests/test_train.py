@@ -302,3 +302,10 @@ print(runtime.use_cpu_cores(8), jax.device_count())
                        check=True).stdout.split('\n')
   assert out[0] == '[3, 3, 1, 4, 4] 4'
   assert out[1] == '3 4'  # Only reported: the backend already has its 4 devices.
+
+
+def test_the_persistent_compilation_cache_is_on():
+  """conftest sets it up before anything imports JAX, which reads it then;
+  without it every resumed or rerun test compiles its programs again."""
+  assert jax.config.jax_compilation_cache_dir == os.environ['JAX_COMPILATION_CACHE_DIR']
+  assert jax.config.jax_persistent_cache_min_compile_time_secs == 0
