@@ -286,7 +286,7 @@ def test_nonfinite_step_leaves_params_and_optimizer_untouched(reference):
                                             process_index=0, process_count=1))
   batch = {**batch, 'image': np.full_like(batch['image'], np.inf)}
   batch = jax.device_put(batch, NamedSharding(s.mesh, P('data')))
-  new, _, finite = train.jit_train_step(s)(state, batch)
+  new, finite = train.jit_train_step(s)(state, batch)
   assert not bool(finite)
   new = jax.device_get(new)
   counts = lambda state: [x for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)

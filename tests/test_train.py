@@ -105,8 +105,8 @@ def test_event_file_holds_promised_tags(run4):
   assert all(at['perf/eval_seconds'][s] > 0 for s in (20, 40))
 
   # Gradient summaries every 20 steps: a norm per layer (stem, 2 convs per
-  # block, 3 projections, head) and a histogram per stage of every
-  # size // 16,384-th gradient entry of the stage.
+  # block, 3 projections, head) and a histogram of every size // 16,384-th
+  # gradient entry per stage and of config.histogram_layer.
   layers = {t for t in values if t.startswith('grad_norm/')}
   assert len(layers) == 1 + 2 * 8 + 3 + 1 and 'grad_norm/stage1_block0/conv1' in layers
   assert all([s for s, _ in values[t]] == [0, 20] for t in layers)
@@ -115,12 +115,15 @@ def test_event_file_holds_promised_tags(run4):
   for name, layer in params.items():
     stage = name.split('_')[0]
     sizes[stage] = sizes.get(stage, 0) + sum(x.size for x in jax.tree.leaves(layer))
-  assert set(run.hists) == {f'grad_log10_magnitude/{stage}' for stage in sizes}
-  for stage, size in sizes.items():
-    hists = run.hists[f'grad_log10_magnitude/{stage}']
+  assert tiny_config().histogram_layer == 'stage2_block1/conv2'
+  sizes['stage2_block1.conv2'] = sum(
+      x.size for x in jax.tree.leaves(params['stage2_block1']['conv2']))
+  assert set(run.hists) == {f'grad_log10_magnitude/{group}' for group in sizes}
+  for group, size in sizes.items():
+    hists = run.hists[f'grad_log10_magnitude/{group}']
     assert [s for s, _ in hists] == [0, 20]
     stride = max(1, size // 16_384)
-    assert all(h[:, 2].sum() == -(-size // stride) for _, h in hists), stage
+    assert all(h[:, 2].sum() == -(-size // stride) for _, h in hists), group
 
 
 def test_one_device_equals_four_devices(run4, tmp_path):
