@@ -357,6 +357,13 @@ def _log_epoch(writer, step: int, state):
                               for k, v in state.epoch_metrics.compute().items()})
 
 
+def _replicated(sharding, tree):
+  """tree's host values as arrays replicated over the mesh of all processes.
+  jax.device_put cannot build those across processes: its arrays made the
+  next checkpoint save of a multi-process run fail."""
+  return runtime.global_array(sharding, jax.device_get(tree))
+
+
 def _log(message, *args):
   if jax.process_index() == 0:
     logging.info(message, *args)
@@ -465,13 +472,11 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
       if log_now:
         _log_train(s, writer, done, state, time.perf_counter() - interval_t0,
                    done - interval_start)
-        state = state.replace(train_metrics=jax.device_put(metrics.TrainMetrics.empty(),
-                                                           replicated))
+        state = state.replace(train_metrics=_replicated(replicated, metrics.TrainMetrics.empty()))
         interval_start, interval_t0 = done, time.perf_counter()
       if epoch_done:
         _log_epoch(writer, done, state)
-        state = state.replace(epoch_metrics=jax.device_put(metrics.EpochMetrics.empty(),
-                                                           replicated))
+        state = state.replace(epoch_metrics=_replicated(replicated, metrics.EpochMetrics.empty()))
       if eval_now:
         t0 = time.perf_counter()
         results = _evaluate_and_log(s, state, eval_fn, writer, done)
