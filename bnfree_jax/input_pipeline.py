@@ -7,6 +7,9 @@ the epoch). Process i of P takes the contiguous rows [i*B/P, (i+1)*B/P) of each
 global batch, and resuming skips undecoded records, so both reproduce the
 single-process stream bit for bit. Nothing is ever downloaded.
 
+config.train_subset > 0 keeps the first N examples of an in-memory training
+split, in their stored order; the epochs above are then epochs of those N.
+
 Data held in memory and fed as it is (synthetic, MNIST-style IDX files) is
 batched here with numpy; everything else (tfds reading, JPEG decoding,
 augmentation, resizing) goes through tf.data in input_tfds, which is the only
@@ -61,18 +64,20 @@ def dataset_info(config) -> DatasetInfo:
   name = config.dataset
   if name not in DATASETS:
     raise ValueError(f'dataset={name!r} is not one of: {", ".join(DATASETS)}')
+  _check_subset_dataset(config)
   size = image_size(config)
   if name == 'synthetic':
     s = config.synthetic
     return DatasetInfo(name, s.num_classes, (size, size, s.channels),
-                       s.num_train, s.num_eval)
+                       _subset_size(config, s.num_train), s.num_eval)
   num_classes, _, mean, _ = SPECS[name]
   counts = _tfds(config).num_examples(config) if _tfds_copy_possible(config) else None
   if counts is None:
     directory = _idx_dir(config)
     counts = (_read_idx(os.path.join(directory, _IDX_FILES[1]), True)[0],
               _read_idx(os.path.join(directory, _IDX_FILES[3]), True)[0])
-  return DatasetInfo(name, num_classes, (size, size, len(mean)), *counts)
+  return DatasetInfo(name, num_classes, (size, size, len(mean)),
+                     _subset_size(config, counts[0]), counts[1])
 
 
 def data_source(config) -> str:
@@ -96,6 +101,7 @@ def train_batches(config, *, steps_per_epoch: int, start_step: int, local_batch_
     raise ValueError(f'steps_per_epoch={steps_per_epoch} must be > 0')
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0')
+  _check_subset_dataset(config)
   shard = dict(steps_per_epoch=steps_per_epoch, start_step=start_step,
                local_batch_size=local_batch_size, process_index=process_index,
                process_count=process_count)
@@ -230,14 +236,37 @@ def _tfds_copy_possible(config) -> bool:
 
 
 def _arrays(config, train):
-  """(uint8 images [N, H, W, C], labels [N]) of a split that fits in memory."""
+  """(uint8 images [N, H, W, C], labels [N]) of a split that fits in memory;
+  of the training split, its first config.train_subset examples."""
   if config.dataset == 'synthetic':
-    return _synthetic(config, train)
-  arrays = _tfds(config).arrays(config, train) if _tfds_copy_possible(config) else None
-  if arrays is not None:
+    arrays = _synthetic(config, train)
+  else:
+    arrays = _tfds(config).arrays(config, train) if _tfds_copy_possible(config) else None
+    if arrays is None:
+      idx = load_idx(_idx_dir(config))
+      arrays = idx[:2] if train else idx[2:]
+  if not train:
     return arrays
-  arrays = load_idx(_idx_dir(config))
-  return arrays[:2] if train else arrays[2:]
+  n = _subset_size(config, len(arrays[1]))
+  return arrays[0][:n], arrays[1][:n]
+
+
+def _check_subset_dataset(config):
+  """imagenet2012 is read record by record, never held whole: no subset."""
+  if config.train_subset != -1 and config.dataset == 'imagenet2012':
+    raise ValueError(f'train_subset={config.train_subset} is for the datasets held in '
+                     'memory, not imagenet2012 (streamed): leave it at -1')
+
+
+def _subset_size(config, num_train):
+  """How many training examples are used of the split's num_train."""
+  n = config.train_subset
+  if n == -1:
+    return num_train
+  if not 0 < n <= num_train:
+    raise ValueError(f'train_subset={n} is not -1 (all) or in 1..{num_train}, the size of '
+                     f'the {config.dataset} training split')
+  return n
 
 
 def _idx_dir(config):

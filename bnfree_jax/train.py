@@ -217,10 +217,21 @@ def train_step(state: TrainState, batch, *, s: Setup):
       clip_threshold=jnp.asarray(threshold, jnp.float32),
       param_norm=optax.tree.norm(new.params), skipped_steps=new.skipped.astype(jnp.float32),
       finite=finite)
+  epoch_metrics = metrics.EpochMetrics.single_from_model_output(**per_example, finite=finite)
   return new.replace(
-      train_metrics=state.train_metrics.merge(step_metrics),
-      epoch_metrics=state.epoch_metrics.merge(
-          metrics.EpochMetrics.single_from_model_output(**per_example, finite=finite))), finite
+      train_metrics=_accumulate(state.train_metrics, step_metrics,
+                                fresh=state.step % s.config.log_every_steps == 0),
+      epoch_metrics=_accumulate(state.epoch_metrics, epoch_metrics,
+                                fresh=state.step % s.steps_per_epoch == 0)), finite
+
+
+def _accumulate(total, step_metrics, fresh):
+  """total merged with this step's metrics, or these alone when the step
+  begins a log interval or an epoch: the loop logs the totals after the
+  interval's last step and the next step starts anew, whether or not the run
+  was stopped and resumed in between."""
+  return jax.tree.map(lambda m, n: jnp.where(fresh, n, m), total.merge(step_metrics),
+                      step_metrics)
 
 
 def _ema_update(config, step, ema, new):
@@ -357,13 +368,6 @@ def _log_epoch(writer, step: int, state):
                               for k, v in state.epoch_metrics.compute().items()})
 
 
-def _replicated(sharding, tree):
-  """tree's host values as arrays replicated over the mesh of all processes.
-  jax.device_put cannot build those across processes: its arrays made the
-  next checkpoint save of a multi-process run fail."""
-  return runtime.global_array(sharding, jax.device_get(tree))
-
-
 def _log(message, *args):
   if jax.process_index() == 0:
     logging.info(message, *args)
@@ -467,16 +471,12 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
       eval_now = done % s.eval_every_steps == 0 or last
       if check_finite and (log_now or epoch_done or eval_now):
         _ensure_finite(step, finite, last_saved, mngr.directory)
-      # Logged accumulators restart from empty, before any save: a checkpoint
-      # holds exactly what the next log must average.
       if log_now:
         _log_train(s, writer, done, state, time.perf_counter() - interval_t0,
                    done - interval_start)
-        state = state.replace(train_metrics=_replicated(replicated, metrics.TrainMetrics.empty()))
         interval_start, interval_t0 = done, time.perf_counter()
       if epoch_done:
         _log_epoch(writer, done, state)
-        state = state.replace(epoch_metrics=_replicated(replicated, metrics.EpochMetrics.empty()))
       if eval_now:
         t0 = time.perf_counter()
         results = _evaluate_and_log(s, state, eval_fn, writer, done)

@@ -20,6 +20,9 @@ def get_config():
   c.batch_size = 256        # Global, over all devices of all processes.
   c.eval_batch_size = -1    # -1 -> batch_size.
   c.shuffle_buffer = 16_384
+  # > 0: train on the first this many training examples as stored (datasets
+  # held in memory only); -1: all. Epochs, and so the schedules, follow it.
+  c.train_subset = -1
   c.synthetic = ml_collections.ConfigDict(dict(
       image_size=32, channels=3, num_classes=10, num_train=1024, num_eval=256))
 

@@ -1,7 +1,8 @@
 """configs/paper/: every row (found by glob, so new files are covered) loads and
 builds its model and optimizer at paper scale and as its small and tiny twins,
 carries the paper's figures, and documents its command; a few rows are checked
-against the paper's text."""
+against the paper's text. The small and low-data twins are set up on the real
+Fashion-MNIST (Debian's dataset-fashion-mnist)."""
 
 import pathlib
 
@@ -16,7 +17,8 @@ from conftest import REPO, load_config
 ROWS = sorted(p.stem for p in (REPO / 'configs' / 'paper').glob('*.py')
               if p.stem not in ('__init__', 'common'))
 IMAGENET_TRAIN = 1_281_167  # 5004 steps per epoch at batch 256.
-SPE = {None: 5004, 'small': 468}  # Fashion-MNIST at batch 128: 468 steps per epoch.
+# Fashion-MNIST at batch 128: 468 steps per epoch, 46 on its first 6000 examples.
+SPE = {None: 5004, 'small': 468, 'lowdata': 46}
 
 
 def config(stem, arg=None):
@@ -56,21 +58,30 @@ def test_paper_scale_builds(stem):
   assert float(lr(s.total_steps)) < 0.11 * c.lr_schedule.base_lr  # Ends low.
 
 
-@pytest.mark.parametrize('arg', ['small', 'tiny'])
+@pytest.mark.parametrize('arg', ['small', 'lowdata', 'tiny'])
 @pytest.mark.parametrize('stem', ROWS)
 def test_twins_build_with_the_rows_recipe(stem, arg):
   full, c = config(stem), config(stem, arg)
   s = build(c)
   assert c.model.stem == 'small' and c.paper == full.paper
+  own_lr = stem == 'f3_unnormalized' and arg != 'tiny'  # Its SMALL_LR.
   for key in ('model.name', 'model.norm', 'model.dropout_rate', 'lr_schedule.name',
               'lr_schedule.base_lr', 'grad_clip.mode', 'grad_clip.threshold',
               'grad_clip.final_threshold', 'optimizer.weight_decay_on'):
-    if not (stem, arg, key) == ('f3_unnormalized', 'small', 'lr_schedule.base_lr'):
+    if not (own_lr and key == 'lr_schedule.base_lr'):
       assert c[key] == full[key], key
-  if arg == 'small':
+  if arg != 'tiny':
     assert (c.dataset, c.model.width, c.batch_size) == ('fashion_mnist', 16, 128)
+  if arg == 'small':
     # One budget for every row: 2 Fashion-MNIST epochs.
     assert s.total_steps == 936 == c.num_epochs * s.steps_per_epoch
+    assert (c.train_subset, s.info.num_train) == (-1, 60000)
+  elif arg == 'lowdata':
+    # 20 epochs of the first 6000 examples, 920 steps; the whole test split
+    # every 2 epochs, the train metrics every half epoch.
+    assert (c.train_subset, s.info.num_train, s.info.num_eval) == (6000, 6000, 10000)
+    assert (s.steps_per_epoch, c.num_epochs, s.total_steps) == (46, 20, 920)
+    assert (s.eval_every_steps, c.log_every_steps) == (92, 23)
   else:
     assert (c.dataset, c.model.width, s.info.image_shape) == ('synthetic', 8, (16, 16, 3))
     assert s.total_steps <= 8
@@ -136,8 +147,9 @@ def test_spot_checks_against_the_paper():
 
   f3 = config('f3_unnormalized')
   assert (f3.model.norm, f3.lr_schedule.base_lr, f3.paper.val_top1) == ('none', 1e-5, None)
-  # Its twin takes the row's definition, the highest LR that does not diverge there.
-  assert config('f3_unnormalized', 'small').lr_schedule.base_lr == 0.03
+  # Its twins take the row's definition, the highest LR that does not diverge there.
+  for arg in ('small', 'lowdata'):
+    assert config('f3_unnormalized', arg).lr_schedule.base_lr == 0.03
 
 
 def schedules(stem, arg=None):
@@ -168,6 +180,16 @@ LR_CHECKS = [
                                   935: 1e-3 * 4 / 624}),
     ('t5_warmup_momentum', 'small', {0: 0.005, 195: 0.017, 202: 0.017,
                                      203: 0.017 * (1 - 8 / 741)}),
+    # Low-data twins: 920 steps of 46 per epoch; stairs of 20/90 epoch = 10
+    # steps (20/120 = 8); hold 20/3 epochs = 307 steps; warm-up 25/6 = 192;
+    # half a cycle 10/9 epoch = 51.
+    ('t2_wn_clip_dropout_lr0p01', 'lowdata', {0: 0.01, 9: 0.01, 10: 0.01 * (1 - 10 / 920),
+                                              460: 0.005, 919: 0.01 * 10 / 920}),
+    ('t4_step_lr0p001', 'lowdata', {306: 1e-3, 316: 1e-3, 317: 1e-3 * (1 - 10 / 613),
+                                    919: 1e-3 * 3 / 613}),
+    ('t5_warmup_momentum', 'lowdata', {0: 0.005, 96: 0.011, 192: 0.017, 199: 0.017,
+                                       200: 0.017 * (1 - 8 / 728)}),
+    ('t4_cyclic_lr0p01', 'lowdata', {0: 1e-3, 51: 0.01, 102: 1e-3, 918: 1e-3}),
 ]
 
 
@@ -187,6 +209,9 @@ CLIP_CHECKS = [
     ('t1_constant_clip', None, {0: 5.0, 89: 5.0}),
     # The twin's 2 epochs: the first at 5, the second at 50.
     ('t4_cyclic_lr0p01', 'small', {0: 5.0, 1: 50.0}),
+    # The low-data twin's 20: 5 + a ln(1 + epoch), a = 45 / ln 20 = 15.0214.
+    ('t2_wn_clip_dropout_lr0p01', 'lowdata', {0: 5.0, 1: 15.41202, 9: 39.58798, 19: 50.0}),
+    ('t3_clip10', 'lowdata', {0: 10.0, 19: 50.0}),
 ]
 
 
@@ -198,6 +223,15 @@ def test_clip_thresholds_per_epoch(stem, arg, checks):
       assert float(threshold(step)) == pytest.approx(want, rel=1e-5), (epoch, step)
 
 
+def test_the_low_data_twin_tells_the_clipping_readings_apart():
+  # 'log', 5 -> 50 by a constant factor per epoch, is 5 * 10^(e / 19) there.
+  c = config('t2_wn_clip_dropout_lr0p01', 'lowdata')
+  c.grad_clip.mode = 'log'
+  threshold = optim.clip_threshold_schedule(c.grad_clip, 46, 20)
+  for epoch, want in {0: 5.0, 1: 5.64419, 9: 14.88176, 19: 50.0}.items():
+    assert float(threshold(epoch * 46)) == pytest.approx(want, rel=1e-5), epoch
+
+
 def test_unknown_twin_is_an_error():
-  with pytest.raises(ValueError, match='small, tiny'):
+  with pytest.raises(ValueError, match='small, lowdata, tiny'):
     config('t1_wn', 'large')

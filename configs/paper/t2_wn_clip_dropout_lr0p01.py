@@ -7,7 +7,7 @@ row and Table 6's ResNet-18 monotonically-decreasing row.
   python -m bnfree_jax.main --config configs/paper/t2_wn_clip_dropout_lr0p01.py \
       --workdir runs/paper/t2_wn_clip_dropout_lr0p01
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common

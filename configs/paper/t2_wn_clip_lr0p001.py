@@ -6,7 +6,7 @@ Its gradients are Fig. 3d.
   python -m bnfree_jax.main --config configs/paper/t2_wn_clip_lr0p001.py \
       --workdir runs/paper/t2_wn_clip_lr0p001
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common

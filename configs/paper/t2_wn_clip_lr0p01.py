@@ -6,7 +6,7 @@ decreasing linearly over 90 epochs. Paper: 79.3 train / 63.6 validation top-1
   python -m bnfree_jax.main --config configs/paper/t2_wn_clip_lr0p01.py \
       --workdir runs/paper/t2_wn_clip_lr0p01
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common

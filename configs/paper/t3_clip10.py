@@ -6,7 +6,7 @@ configs/paper/t2_wn_clip_dropout_lr0p01.py itself.
   python -m bnfree_jax.main --config configs/paper/t3_clip10.py \
       --workdir runs/paper/t3_clip10
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common

@@ -6,7 +6,7 @@ train / 59.7 validation top-1.
   python -m bnfree_jax.main --config configs/paper/t4_cyclic_lr0p001.py \
       --workdir runs/paper/t4_cyclic_lr0p001
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common

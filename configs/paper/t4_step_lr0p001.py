@@ -7,7 +7,7 @@ constant for the first epochs, then the standard decay). Paper: 68.9 train /
   python -m bnfree_jax.main --config configs/paper/t4_step_lr0p001.py \
       --workdir runs/paper/t4_step_lr0p001
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common

@@ -8,7 +8,7 @@ warm-up row.
   python -m bnfree_jax.main --config configs/paper/t5_warmup_momentum.py \
       --workdir runs/paper/t5_warmup_momentum
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common

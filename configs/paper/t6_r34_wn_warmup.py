@@ -6,7 +6,7 @@ validation top-1.
   python -m bnfree_jax.main --config configs/paper/t6_r34_wn_warmup.py \
       --workdir runs/paper/t6_r34_wn_warmup
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common

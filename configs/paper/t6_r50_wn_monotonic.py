@@ -6,7 +6,7 @@ dropout 0.1, LR 0.01 decreasing linearly over 90 epochs. Paper: 82.4 train /
   python -m bnfree_jax.main --config configs/paper/t6_r50_wn_monotonic.py \
       --workdir runs/paper/t6_r50_wn_monotonic
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common
