@@ -341,7 +341,7 @@ def _histogram_figure(runs, axis, stage):
 
 
 def write_figures(runs, out_dir, hist_stage='stage2', hist_layer=HIST_LAYER):
-  """Writes the PNGs named in _FIGURES into out_dir."""
+  """Writes the PNGs named in _FIGURES into out_dir; returns {name: Figure}."""
   # Epochs when every run can convert steps, so all curves share one axis.
   axis = 'epoch' if all(r.steps_per_epoch for r in runs) else 'step'
   figures = {}
@@ -377,6 +377,7 @@ def write_figures(runs, out_dir, hist_stage='stage2', hist_layer=HIST_LAYER):
 
   for name, fig in figures.items():
     fig.savefig(os.path.join(out_dir, f'{name}.png'), dpi=_DPI)
+  return figures
 
 
 # ---------------------------------------------------------------- report ----

@@ -34,6 +34,10 @@ def initialize_distributed(coordinator_address=None, num_processes=None,
   returns whether it did. Raises ValueError for a partial set of arguments."""
   # CPU processes talk through gloo; GPUs use NCCL regardless of this setting.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # JAX's preemption service would install its own SIGTERM handler over
+  # StopSignals' and swallow the signal (it only logs it): a preempted
+  # multi-process run would train on, unsaved, until killed.
+  jax.config.update('jax_enable_preemption_service', False)
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):

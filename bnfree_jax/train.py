@@ -130,8 +130,10 @@ def setup(config, devices=None) -> Setup:
   optimizer = optim.create_optimizer(config, steps_per_epoch, total_steps,
                                      models.weight_decay_mask)
   if config.histogram_layer:
-    params = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
-                            jnp.zeros((1, *info.image_shape)))['params']
+    # Key and image made inside eval_shape: created eagerly, they would be
+    # computations compiled and run before the config is fully checked.
+    params = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((1, *info.image_shape)), train=False))['params']
     layers = metrics.layer_names(params)
     check(config.histogram_layer in layers,
           f'histogram_layer={config.histogram_layer!r} is not a layer of {config.model.name}; '

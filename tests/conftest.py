@@ -9,16 +9,17 @@ import tempfile
 # paths run for real; single-device runs use a sub-mesh.
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '4')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+# Tests compile the same small programs again and again (a resumed run, a
+# rerun): a session-wide persistent cache pays for each compilation once.
+# JAX reads these when it is imported, so they come before anything imports it.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='bnfree_jax_xla_'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 from bnfree_jax import runtime  # noqa: E402
 
 # As the CLI does: 4 devices on 2 loaded cores must not abort an all-reduce
 # after XLA's default 40 s (JAX reads XLA_FLAGS when its backend starts).
 runtime.patient_cpu_collectives()
-# Tests compile the same small programs again and again (a resumed run, a
-# rerun): a session-wide persistent cache pays for each compilation once.
-os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='bnfree_jax_xla_'))
-os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import pytest  # noqa: E402
 

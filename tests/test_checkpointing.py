@@ -4,13 +4,13 @@ state that fits no checkpoint is an error rather than a fresh start. Small
 trees, no training: seconds."""
 
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from bnfree_jax import checkpointing
 
 
@@ -31,20 +31,10 @@ def saved(workdir, steps, keep=3):
   return mngr
 
 
-def damage(step_dir):
-  """Truncates every array data file of a checkpoint, as a full disk would."""
-  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs
-           if os.sep + 'd' + os.sep in os.path.join(d, f)]
-  assert files, f'no array data files under {step_dir}'
-  for f in files:
-    with open(f, 'r+b') as fh:
-      fh.truncate(max(os.path.getsize(f) // 3, 1))
-
-
 def test_corrupt_newest_falls_back_and_is_moved_aside(tmp_path, caplog):
   saved(tmp_path, [1, 2, 3]).close()
   ckpts = tmp_path / 'checkpoints'
-  damage(ckpts / '3')
+  helpers.damage_checkpoint(ckpts / '3')
   mngr = checkpointing.manager(str(tmp_path), keep=3)
   with caplog.at_level(logging.WARNING):
     state = checkpointing.restore_latest(mngr, abstract())

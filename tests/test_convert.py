@@ -13,10 +13,10 @@ import sys
 import flax
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from safetensors.numpy import load_file
 
+import helpers
 from bnfree_jax import convert, models, report
 from conftest import REPO
 
@@ -180,20 +180,6 @@ def test_model_without_a_layout_is_refused():
 
 # ---------------------------------------------------------------------- CLI ----
 
-CONFIG = '''
-from configs import default
-
-
-def get_config():
-  c = default.get_config()
-  c.dataset = 'synthetic'
-  c.synthetic.update(image_size=16, num_classes=4, num_train=256, num_eval=10)
-  c.model.update(name='resnet18', norm='batch', width=4, stem='small')
-  c.batch_size = 16
-  c.num_train_steps = 3
-  return c
-'''
-
 # Runs each case as `python -m bnfree_jax.MODULE ARGV` would, in order, with
 # stdout and stderr captured at the file descriptors; torch stays unimportable.
 RUNNER = r'''
@@ -231,9 +217,7 @@ def eval_scalars(workdir):
 
 
 def restored(workdir):
-  mngr = ocp.CheckpointManager(os.path.join(workdir, 'checkpoints'))
-  step = mngr.latest_step()
-  return step, jax.device_get(mngr.restore(step, args=ocp.args.StandardRestore()))
+  return helpers.read_checkpoint(workdir)
 
 
 @pytest.fixture(scope='module')
@@ -242,7 +226,10 @@ def cli(tmp_path_factory):
   main, exported, converted back into a new run, that one evaluated by main,
   and the bad-input cases, all in one child process."""
   root = tmp_path_factory.mktemp('convert_cli')
-  (root / 'tiny.py').write_text(CONFIG)
+  # The tests' tiny run with batch norm (the converter's other norm), narrower,
+  # without dropout, 3 steps.
+  helpers.write_config(root / 'tiny.py', **{'model.norm': 'batch', 'model.width': 4,
+                                            'model.dropout_rate': 0.0, 'num_train_steps': 3})
   (root / 'weights.bin').write_bytes(b'')
   (root / 'weights.pth').write_bytes(b'')
   config = ['--config', str(root / 'tiny.py')]

@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from bnfree_jax import models, optim
+import helpers
+from bnfree_jax import models, optim, train
 
 SPE = 10  # steps per epoch
 
@@ -253,3 +254,81 @@ def test_bad_values_raise_naming_them(default_config, section, change, message):
   default_config[section].update(change)
   with pytest.raises(ValueError, match=message.replace('[', r'\[').replace('(', r'\(').replace(')', r'\)')):
     optim.create_optimizer(default_config, SPE, 50, weight_decay_mask=None)
+
+
+@pytest.mark.parametrize('mode', ['log', 'log_curve'])
+def test_clip_threshold_for_short_runs(default_config, mode):
+  """Through create_optimizer, which counts a partial last epoch as one: 25
+  steps of 10 are 3 epochs, the third reaching final_threshold; a run of one
+  epoch or less has nowhere to move, so its threshold stays at the first."""
+  default_config.grad_clip.update(mode=mode, threshold=5.0, final_threshold=1.0)
+  at = lambda total, steps: [float(optim.create_optimizer(
+      default_config, SPE, total, weight_decay_mask=None).clip_threshold(s)) for s in steps]
+  middle = 5 / np.sqrt(5) if mode == 'log' else 5 - 4 * np.log(2) / np.log(3)
+  assert at(25, [0, 9, 10, 19, 20, 24, 100]) == pytest.approx(
+      [5.0, 5.0, middle, middle, 1.0, 1.0, 1.0], rel=1e-6)
+  assert at(10, [0, 9, 10, 100]) == [5.0] * 4
+  assert at(3, [0, 2]) == [5.0] * 2
+
+
+def _real_tree_setup(rng, **overrides):
+  """train.setup of the trainer's tiny config, and random parameters and
+  gradients in the shape of its weight-normalized ResNet-18."""
+  s = train.setup(helpers.tiny_config(**overrides))
+  abstract = jax.eval_shape(lambda: train.init_state(s)).params
+  draw = lambda scale: jax.tree.map(
+      lambda a: jnp.asarray(scale * rng.normal(size=a.shape), jnp.float32), abstract)
+  return s, draw(1.0), draw
+
+
+def test_agc_from_the_config_on_the_resnet_tree():
+  """grad_clip.mode='agc': every unit of every layer but the classifier,
+  WN's g and biases included, gets at most agc_clipping of its parameters'
+  norm (a conv's unit: one output channel of v; a vector: all of it)."""
+  rng = np.random.default_rng(0)
+  s, params, draw = _real_tree_setup(rng, **{
+      'grad_clip.mode': 'agc', 'grad_clip.agc_clipping': 0.01, 'optimizer.momentum': 0.0,
+      'optimizer.weight_decay': 0.0, 'lr_schedule.name': 'constant', 'lr_schedule.base_lr': 1.0,
+      'lr_schedule.warmup_epochs': 0.0})
+  params['stage1_block0']['conv1']['bias'] = jnp.zeros(8)  # As initialized: eps takes over.
+  grads = draw(100.0)
+  updates, _ = jax.jit(s.optimizer.tx.update)(grads, s.optimizer.tx.init(params), params)
+  flat = lambda tree: flax.traverse_util.flatten_dict(tree)
+  names = set()
+  for path, u in flat(updates).items():
+    g, p = np.asarray(flat(grads)[path]), np.asarray(flat(params)[path])
+    names.add(path[-1])
+    if path[0] == 'head':
+      want = -g
+    else:
+      norm = lambda x: np.sqrt(np.sum(x**2, axis=(0, 1, 2) if x.ndim == 4 else None,
+                                      keepdims=True))
+      limit = 0.01 * np.maximum(norm(p), 1e-3)
+      assert (norm(g) > limit).all(), path  # Large gradients: every unit is clipped.
+      want = -g * limit / norm(g)
+    np.testing.assert_allclose(u, want, rtol=1e-4, err_msg=str(path))
+  assert names == {'v', 'g', 'bias', 'kernel'}
+
+
+@pytest.mark.parametrize('correction', [True, False])
+def test_momentum_correction_from_the_config_on_the_resnet_tree(correction):
+  """optimizer.momentum_correction reaches the trainer's optimizer: over the
+  LR warm-up, the buffer holds gradients (corrected) or LR-scaled updates."""
+  rng = np.random.default_rng(1)
+  s, params, draw = _real_tree_setup(rng, **{
+      'optimizer.momentum_correction': correction, 'optimizer.weight_decay': 0.0,
+      'grad_clip.mode': 'none'})
+  tx, lr = s.optimizer.tx, s.optimizer.learning_rate
+  assert [float(lr(t)) for t in range(3)] == pytest.approx([0.01, 0.0325, 0.055])
+  state, buffer = tx.init(params), jax.tree.map(jnp.zeros_like, params)
+  for t in range(3):
+    grads = draw(1.0)
+    updates, state = tx.update(grads, state, params)
+    if correction:  # v = m v + g; update -lr_t v.
+      buffer = jax.tree.map(lambda v, g: 0.9 * v + g, buffer, grads)
+      want = jax.tree.map(lambda v: -lr(t) * v, buffer)
+    else:  # v = m v + lr_t g; update -v.
+      buffer = jax.tree.map(lambda v, g: 0.9 * v + lr(t) * g, buffer, grads)
+      want = jax.tree.map(lambda v: -v, buffer)
+    jax.tree.map(lambda u, w: np.testing.assert_allclose(u, w, rtol=1e-5, atol=1e-7),
+                 updates, want)

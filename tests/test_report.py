@@ -147,6 +147,63 @@ def test_figures_are_pngs_linked_from_report(runs):
     assert f']({name}.png)' in runs['text']
 
 
+@pytest.fixture(scope='module')
+def figures(runs, tmp_path_factory):
+  """(wn run, bn run, their figures), the heatmaps of stage1 rather than the
+  default stage2."""
+  wn, bn = (report.load_run(str(runs[name])) for name in ('wn', 'bn'))
+  out = tmp_path_factory.mktemp('figures')
+  return wn, bn, report.write_figures([wn, bn], str(out), hist_stage='stage1')
+
+
+def test_heatmap_columns_are_the_logged_histograms_of_the_stage_asked_for(figures):
+  wn, bn, figs = figures
+  wn_ax, bn_ax = figs['grad_histograms'].axes[:2]
+  (mesh,) = wn_ax.collections
+  counts, corners = np.ma.getdata(mesh.get_array()), np.ma.getdata(mesh.get_coordinates())
+  logged = wn.hists['grad_log10_magnitude/stage1']
+  # A column per logged histogram, centred on its epoch (100 steps each) ...
+  x = corners[0, :, 0]
+  np.testing.assert_allclose((x[1:] + x[:-1]) / 2, [step / 100 for step, _ in logged])
+  # ... holding all its samples, spread over the common bins ...
+  np.testing.assert_allclose(counts.sum(axis=0), [h[:, 2].sum() for _, h in logged])
+  np.testing.assert_allclose(counts.sum(axis=0), 2000)
+  # ... of stage1 (mean -2 throughout), not stage2 (mean -3 + step / 400).
+  y = corners[:, 0, 1]
+  means = ((y[1:] + y[:-1]) / 2) @ counts / counts.sum(axis=0)
+  np.testing.assert_allclose(means, -2.0, atol=0.05)
+  assert not bn_ax.collections  # The BN run logged stage2 only, and says so.
+  assert [t.get_text() for t in bn_ax.texts] == ['no stage1 histograms\n(logged: stage2)']
+
+
+def test_curves_are_the_logged_points(figures):
+  wn, bn, figs = figures
+  (wn_val,), (bn_val,) = (
+      [line for line in figs['accuracy'].axes[1].lines if line.get_color() == color]
+      for color in ('C0', 'C1'))
+  # Epochs on x; the abandoned attempt's 99% at step 300 is not drawn.
+  np.testing.assert_allclose(wn_val.get_xdata(), [1, 2, 3, 4])
+  np.testing.assert_allclose(wn_val.get_ydata(), [40, 61.25, 58, 58.75], rtol=1e-6)
+  np.testing.assert_allclose(bn_val.get_ydata(), [25.0], rtol=1e-6)
+  bn_loss = figs['loss'].axes[0].lines[1]
+  np.testing.assert_allclose(bn_loss.get_xdata(), [1, 2, 3, 3.5])
+  np.testing.assert_allclose(bn_loss.get_ydata(), [2.3, 2.0, 1.9, np.nan], rtol=1e-6)  # A gap.
+
+  # The run's threshold, solid; the other log shape, dotted, per epoch; none
+  # for the BN run, which logged no threshold.
+  threshold = [5.0 * 10 ** (s / 400) for s in (100, 200, 300, 400)]
+  solid, dotted = figs['schedules'].axes[1].lines
+  assert (solid.get_linestyle(), dotted.get_linestyle()) == ('-', ':')
+  np.testing.assert_allclose(solid.get_ydata(), threshold, rtol=1e-6)
+  np.testing.assert_allclose(dotted.get_xdata(), [0, 1, 2, 3, 4])
+  np.testing.assert_allclose(dotted.get_ydata(), report._other_clip_shape(wn, 'epoch')[1])
+  norm, dashed, bn_norm = figs['grad_norms'].axes[0].lines
+  np.testing.assert_allclose(norm.get_ydata(), [8.0, 4.0, 8 / 3, 2.0], rtol=1e-6)
+  assert dashed.get_linestyle() == '--'
+  np.testing.assert_allclose(dashed.get_ydata(), threshold, rtol=1e-6)
+  assert bn_norm.get_color() == 'C1'
+
+
 @pytest.mark.parametrize('mode,want', [
     # The run's 'log' (geometric) drawn against 5 + 45 ln(1 + epoch) / ln 4 ...
     ('log', [5.0, 27.5, 5 + 45 * math.log(3) / math.log(4), 50.0, 50.0]),
