@@ -26,7 +26,7 @@ def test_nf_resnet50_small_twin_runs_at_the_paper_twins_budget():
       'nf_resnet18', 16, 'small', 'fashion_mnist')
   assert (s.total_steps, s.steps_per_epoch, s.optimizer.warmup_steps) == (936, 468, 52)
   lr = s.optimizer.learning_rate
-  assert float(lr(26)) == pytest.approx(0.025)  # Half-way up to 0.1 x 128 / 256.
-  assert float(lr(52)) == pytest.approx(0.05)
-  assert float(lr(52 + 442)) == pytest.approx(0.025, rel=1e-3)  # Cosine half-way down.
-  assert c.ema_decay == 0.999
+  assert float(lr(26)) == pytest.approx(0.2)  # Half-way up to 0.4 (tuned, docstring).
+  assert float(lr(52)) == pytest.approx(0.4)
+  assert float(lr(52 + 442)) == pytest.approx(0.2, rel=1e-3)  # Cosine half-way down.
+  assert (c.ema_decay, c.grad_clip.agc_clipping) == (0.999, 0.2)
