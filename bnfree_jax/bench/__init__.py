@@ -1,0 +1,7 @@
+"""Benchmarks, run as `python -m bnfree_jax.bench` (__main__.py: the flags).
+
+- train_step: the paper's Table 7, the trainer's own compiled step
+- input: the input pipeline's throughput (the one module that imports TensorFlow)
+- cpu_flags: XLA:CPU flag settings, each in its own process
+- common: recipes, machine and load records, output files
+"""
