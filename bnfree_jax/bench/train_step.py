@@ -1,6 +1,8 @@
 """The paper's Table 7 under XLA: the trainer's own compiled step, one row per
-model and variant, with XLA's FLOPs and memory."""
+model and variant, with XLA's FLOPs and memory, and MFU where the device's
+peak is known."""
 
+import contextlib
 import dataclasses
 import os
 import statistics
@@ -29,6 +31,41 @@ VARIANTS = {
 # Memory options: suffix -> (config key, value).
 OPTIONS = {'remat': ('remat', True), 'bf16': ('compute_dtype', 'bfloat16')}
 COMPUTE_DTYPES = ('float32', 'bfloat16')
+
+# Dense (no sparsity) peak TFLOP/s of one device, from NVIDIA's datasheets,
+# matched in this order on a substring of jax's device_kind. float32 compute
+# is held against the TF32 tensor-core rate: XLA and cuDNN run float32
+# convolutions in TF32 at JAX's default precision. V100 has neither TF32 nor
+# bfloat16 tensor cores, so both are held against its FP32 rate.
+PEAK_TFLOPS = (
+    ('H100 NVL', 'H100 NVL', {'float32': ('tf32', 417.5), 'bfloat16': ('bf16', 835.5)}),
+    ('H100 PCIe', 'H100 PCIe', {'float32': ('tf32', 378.0), 'bfloat16': ('bf16', 756.0)}),
+    ('H100', 'H100 SXM', {'float32': ('tf32', 494.7), 'bfloat16': ('bf16', 989.4)}),
+    ('H200 NVL', 'H200 NVL', {'float32': ('tf32', 417.5), 'bfloat16': ('bf16', 835.5)}),
+    ('H200', 'H200 SXM', {'float32': ('tf32', 494.7), 'bfloat16': ('bf16', 989.4)}),
+    ('A100', 'A100', {'float32': ('tf32', 156.0), 'bfloat16': ('bf16', 312.0)}),
+    ('V100S', 'V100S PCIe', {'float32': ('fp32', 16.4), 'bfloat16': ('fp32', 16.4)}),
+    ('V100-PCIE', 'V100 PCIe', {'float32': ('fp32', 14.0), 'bfloat16': ('fp32', 14.0)}),
+    ('V100', 'V100 SXM2', {'float32': ('fp32', 15.7), 'bfloat16': ('fp32', 15.7)}),
+)
+
+
+def peak(device_kind, compute_dtype):
+  """(name, TFLOP/s) of one device for this compute dtype, or (None, None)."""
+  for key, name, rates in PEAK_TFLOPS:
+    if key.lower() in device_kind.lower():
+      precision, tflops = rates[compute_dtype]
+      return f'{name} {precision} dense', tflops
+  return None, None
+
+
+def mfu(flops_per_step, step_seconds, peak_tflops, num_devices):
+  """Model FLOPs utilization: XLA's FLOPs of a step (all devices) over the
+  time they took, as a fraction of the devices' peak."""
+  if not (flops_per_step and peak_tflops):
+    return None
+  return flops_per_step / step_seconds / (peak_tflops * 1e12 * num_devices)
+
 
 # ------------------------------------------------------------ variants ----
 
@@ -181,12 +218,22 @@ def _step(run):
   return time.perf_counter() - t0
 
 
+def _tracing(trace_dir):
+  """A jax.profiler trace into trace_dir, with a Perfetto JSON beside the
+  XPlane file so it can be read without TensorBoard; nothing without a dir."""
+  if not trace_dir:
+    return contextlib.nullcontext()
+  return jax.profiler.trace(trace_dir, create_perfetto_trace=True)
+
+
 def _finish(run, warmup, load_start, load_end, other_cores, machine):
   """Fills run.record from its timings."""
   timed = run.times[warmup:]
   median = statistics.median(timed)
   c = run.config
   flops = run.record.get('flops_per_step')
+  device_kind = jax.devices()[0].device_kind
+  peak_name, peak_tflops = peak(device_kind, c.compute_dtype)
   run.record.update(
       model=run.model, variant=run.variant, norm=c.model.norm, remat=bool(c.remat),
       compute_dtype=c.compute_dtype, dropout_rate=c.model.dropout_rate,
@@ -196,11 +243,13 @@ def _finish(run, warmup, load_start, load_end, other_cores, machine):
       step_time_ms=1e3 * median, step_time_ms_min=1e3 * min(timed),
       step_time_ms_max=1e3 * max(timed), step_times_ms=[1e3 * t for t in timed],
       images_per_sec=c.batch_size / median,
-      flops_per_sec=flops / median if flops else None, all_finite=run.finite,
-      load_avg_start=load_start, load_avg_end=load_end, other_cpu_cores=other_cores, **machine)
+      flops_per_sec=flops / median if flops else None, peak_name=peak_name,
+      peak_tflops=peak_tflops, mfu=mfu(flops, median, peak_tflops, run.record['num_devices']),
+      all_finite=run.finite, load_avg_start=load_start, load_avg_end=load_end,
+      other_cpu_cores=other_cores, framework='bnfree_jax', **machine)
 
 
-def measure_steps(runs, steps, warmup, gate=lambda: None):
+def measure_steps(runs, steps, warmup, gate=lambda: None, trace_dir=None):
   """Compiles every run, then times them round-robin: round r steps every run
   once, so drifting machine load hits all variants alike. Fills run.record.
   gate() is called before the compilations and before each round."""
@@ -238,7 +287,9 @@ def measure_steps(runs, steps, warmup, gate=lambda: None):
       common.progress(f'step {r + 1}/{rounds} ({"warm-up" if r < warmup else "timed"}) of '
                       f'{len(runs)} variants, ETA {format_duration(per_round * (rounds - 1 - r))}')
 
-  play(1, rounds)  # Round 0 was the first step above.
+  play(1, warmup)  # Round 0 was the first step above.
+  with _tracing(trace_dir):  # The timed rounds only: no compilation in the trace.
+    play(max(1, warmup), rounds)
 
   load_end = os.getloadavg()[0]
   other_cores = common.other_cores(cpu_start, common.cpu_seconds())
@@ -258,6 +309,58 @@ def measure_steps(runs, steps, warmup, gate=lambda: None):
       run.record['ratio_to_batch_quartiles'] = (
           statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else [ratios[0]] * 2)
   return [run.record for run in runs]
+
+
+def row_basics(model, variant, config):
+  """The keys that name a row, for a row that was skipped."""
+  return dict(model=model, variant=variant, norm=config.model.norm,
+              compute_dtype=config.compute_dtype, batch_size=config.batch_size,
+              image_size=config.synthetic.image_size, framework='bnfree_jax')
+
+
+def measure_rows(runs, steps, warmup, deadline=float('inf'), trace_dir=None):
+  """Compiles every run, then measures each alone, one after the other, and
+  yields its record when done; a run not started by `deadline` (time.time())
+  is yielded as {'skipped': reason}. Without an interleaving of variants this
+  suits a quiet device (a GPU), not a shared CPU.
+
+  Device peak (GPU): only one run's buffers are live at a time, but the
+  allocator's peak never resets, so the runs go in order of the compiler's
+  footprint estimate; a run whose peak stays under an earlier one's gets None.
+  """
+  todo = []
+  for i, run in enumerate(runs):
+    if time.time() > deadline:
+      yield dict(row_basics(run.model, run.variant, run.config), skipped='time budget spent')
+      continue
+    common.progress(f'compiling {i + 1}/{len(runs)}: {run.model} {run.variant} '
+                    f'batch {run.config.batch_size}')
+    compile_run(run)
+    todo.append(run)
+  for run in sorted(todo, key=footprint):
+    if time.time() > deadline:
+      yield dict(row_basics(run.model, run.variant, run.config), skipped='time budget spent')
+      free_run(run)
+      continue
+    load_start, cpu_start = os.getloadavg()[0], common.cpu_seconds()
+    before = _device_peak()
+    load_run(run)
+    for _ in range(warmup):
+      run.times.append(_step(run))
+    row_dir = trace_dir and os.path.join(
+        trace_dir, f'{run.model}_{run.variant}_b{run.config.batch_size}')
+    with _tracing(row_dir):
+      for _ in range(steps):
+        run.times.append(_step(run))
+    after = _device_peak()
+    run.record['peak_bytes'] = (
+        after['peak_bytes_in_use'] if after and (
+            not before or after['peak_bytes_in_use'] > before['peak_bytes_in_use']) else None)
+    run.record['trace_dir'] = row_dir
+    _finish(run, warmup, load_start, os.getloadavg()[0],
+            common.other_cores(cpu_start, common.cpu_seconds()), common.machine())
+    free_run(run)
+    yield run.record
 
 
 def markdown_table(records):
