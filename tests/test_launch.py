@@ -25,7 +25,7 @@ def sweep_lines(out):
   return [line for line in out.splitlines() if line.startswith('sweep:')]
 
 
-@pytest.mark.parametrize('script', ['local.sh', 'slurm.sbatch'])
+@pytest.mark.parametrize('script', ['local.sh', 'slurm.sbatch', 'gpu_check.sh'])
 def test_shell_scripts_parse(script):
   subprocess.run(['bash', '-n', str(REPO / 'launch' / script)], check=True)
 
