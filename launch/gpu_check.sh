@@ -34,6 +34,6 @@ fi
 gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -n 1 | tr '[:upper:]' '[:lower:]' \
   | sed -E 's/^nvidia //; s/[^a-z0-9]+/_/g; s/^_+|_+$//g')
 mkdir -p "$out"
-# The suite's own budget (480 s) ends it; the timeout is only a backstop.
+# The suite's own budget (470 s) ends it; the timeout is only a backstop.
 PYTHONUNBUFFERED=1 timeout 540 python3 -m bnfree_jax.bench --suite gpu \
   --json "$out/gpu_$gpu.json" --md "$out/gpu_$gpu.md" "$@" 2>&1 | tee "$out/gpu_$gpu.log"

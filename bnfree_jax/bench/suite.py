@@ -31,7 +31,6 @@ import json
 import os
 import pathlib
 import queue
-import shutil
 import statistics
 import subprocess
 import sys
@@ -48,9 +47,7 @@ SUITE_VARIANTS = ('batch', 'weight', 'weight_clip_dropout', 'none')
 SUITE_BATCHES = {'resnet18': (256,), 'resnet50': (256, 128)}
 OTHER_BATCHES = (128,)
 PEER_SCRIPT = pathlib.Path(__file__).with_name('torch_peer.py')
-DRY_RUN = dict(batch_size=2, image_size=32, steps=2, warmup=1, e2e_steps=4)
-# Beside the dry run's sizes: the e2e run's data, small where the images are.
-E2E_CLASSES = {True: 10, False: 1000}
+DRY_RUN = dict(batch_size=2, image_size=32, steps=2, warmup=1, e2e_steps=4, num_classes=10)
 
 
 @dataclasses.dataclass
@@ -61,7 +58,6 @@ class Job:
   cmd: list
   rows: list  # The keys of each row it should report, for those it does not.
   env: dict = dataclasses.field(default_factory=dict)
-  workdir: str | None = None  # e2e: the trainer's workdir.
   skip: str | None = None  # Why it cannot run at all.
 
 
@@ -132,11 +128,11 @@ def _e2e_job(args, dtype, first):
     return None
   batch = first[model]
   recipe = importlib.util.find_spec(f'configs.{model}_wn').origin
-  workdir = tempfile.mkdtemp(prefix='bnfree_bench_e2e_')
   steps = args.e2e_steps
   overrides = dict(
       dataset='synthetic', **{'synthetic.image_size': args.image_size,
-                              'synthetic.num_classes': E2E_CLASSES[args.dry_run],
+                              'synthetic.num_classes': (DRY_RUN['num_classes']
+                                                        if args.dry_run else 1000),
                               # 16 steps an epoch: the epoch boundaries stay rare.
                               'synthetic.num_train': 16 * batch,
                               'synthetic.num_eval': batch},
@@ -146,14 +142,15 @@ def _e2e_job(args, dtype, first):
       **{'lr_schedule.warmup_epochs': 0},
       log_every_steps=max(1, steps // 10), eval_every_steps=steps,
       checkpoint_every_steps=steps, histogram_every_steps=steps)
-  cmd = [sys.executable, '-m', 'bnfree_jax.main', '--config', recipe, '--workdir', workdir,
+  # run_suite adds --workdir: a fresh folder, removed after.
+  cmd = [sys.executable, '-m', 'bnfree_jax.main', '--config', recipe,
          *(f'--config.{k}={v}' for k, v in overrides.items())]
   row = dict(part='e2e', framework='bnfree_jax', model=model,
              variant=_variant('weight_clip_dropout', dtype), batch_size=batch,
              compute_dtype=dtype, recipe=f'configs/{model}_wn.py', steps=steps,
              image_size=args.image_size)
   return Job(f'e2e {model} {dtype}', 'e2e', cmd, [row],
-             {'JAX_PLATFORMS': 'cpu'} if args.dry_run else {}, workdir)
+             {'JAX_PLATFORMS': 'cpu'} if args.dry_run else {})
 
 
 def probe_peer(python):
@@ -181,11 +178,12 @@ def _lines(stream, sink):
   stream.close()
 
 
-def run_job(job, deadline):
-  """Yields each record the job prints, as it prints it; stops the job at
-  `deadline` (time.time()). Returns (exit code or None if stopped, the last
-  lines of its stderr)."""
-  records, tail = queue.Queue(), collections.deque(maxlen=8)
+def run_job(cmd, env, deadline, on_record):
+  """Runs cmd, calling on_record with each JSON record it prints as it
+  prints it, and stops it at `deadline` (time.time()). Returns its exit code,
+  or None if stopped, and the last lines of its stderr (which goes on to
+  this process's stderr)."""
+  lines, tail = queue.Queue(), collections.deque(maxlen=8)
 
   def err(line):
     sys.stderr.write(line)
@@ -193,45 +191,40 @@ def run_job(job, deadline):
     if line.strip():
       tail.append(line.strip())
 
-  cmd = [*job.cmd]
-  if job.part == 'train_step':
-    cmd += ['--deadline', f'{deadline:.0f}']
-  proc = subprocess.Popen(cmd, cwd=common.REPO, env={**os.environ, **job.env}, text=True,
+  proc = subprocess.Popen(cmd, cwd=common.REPO, env={**os.environ, **env}, text=True,
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE)
-  readers = [threading.Thread(target=_lines, args=(proc.stdout, records.put), daemon=True),
+  readers = [threading.Thread(target=_lines, args=(proc.stdout, lines.put), daemon=True),
              threading.Thread(target=_lines, args=(proc.stderr, err), daemon=True)]
   for t in readers:
     t.start()
-  while True:
+  rc = None
+  while rc is None:
     try:
-      line = records.get(timeout=1.0)
+      line = lines.get(timeout=1.0)
     except queue.Empty:
-      if proc.poll() is not None and not readers[0].is_alive() and records.empty():
-        break
       if time.time() > deadline:
         proc.kill()  # This suite's own child; its missing rows become 'skipped'.
         proc.wait()
-        readers[1].join(timeout=5)
-        return None, list(tail)
+        break
+      if not readers[0].is_alive() and lines.empty():
+        rc = proc.wait()
       continue
     if line.startswith('{'):
-      yield json.loads(line)
-  rc = proc.wait()
+      on_record(json.loads(line))
   readers[1].join(timeout=5)
   return rc, list(tail)
 
 
-def _e2e_record(job, rc, tail, wall_s):
+def _e2e_record(row, workdir, rc, tail, wall_s):
   """The loop's images/s from the run's event files: the median of the
   logged intervals after the first, which holds the compilation."""
-  row = dict(job.rows[0], wall_s=wall_s)
+  row = dict(row, wall_s=wall_s)
   if rc is None:
     return dict(row, skipped='time budget spent (cut off while running)')
   if rc:
     return dict(row, skipped=f'failed, exit code {rc}: {tail[-1] if tail else ""}')
-  steps, values = report.load_run(job.workdir).scalars.get(logs.IMAGES_PER_SEC, ([], []))
-  shutil.rmtree(job.workdir, ignore_errors=True)
+  steps, values = report.load_run(workdir).scalars.get(logs.IMAGES_PER_SEC, ([], []))
   points = [float(v) for v in values[1:]]
   if not points:
     return dict(row, skipped=f'no {logs.IMAGES_PER_SEC} after the first log point')
@@ -255,26 +248,28 @@ def run_suite(args, meta):
       common.write_json(args.json, finalize(records))
 
   for job in plan(args):
+    # Seconds too few for a process to start and measure anything.
     skip = job.skip or (time.time() > deadline - 5 and 'time budget spent')
     if skip:
       for row in job.rows:
         done(dict(row, part=job.part, skipped=skip))
       continue
     common.progress(f'{job.name} ({deadline - time.time():.0f} s of the budget left)')
-    t0, seen = time.time(), set()
-    gen = run_job(job, deadline)
-    while True:
-      try:
-        record = next(gen)
-      except StopIteration as stop:
-        rc, tail = stop.value
-        break
-      record.setdefault('part', job.part)
+    t0 = time.time()
+    if job.part == 'e2e':
+      with tempfile.TemporaryDirectory(prefix='bnfree_bench_e2e_') as workdir:
+        rc, tail = run_job([*job.cmd, '--workdir', workdir], job.env, deadline,
+                           lambda record: None)
+        done(_e2e_record(job.rows[0], workdir, rc, tail, time.time() - t0))
+      continue
+    seen = set()
+
+    def take(record, part=job.part, seen=seen):
+      record.setdefault('part', part)
       seen.add(_row_key(record))
       done(record)
-    if job.part == 'e2e':
-      done(_e2e_record(job, rc, tail, time.time() - t0))
-      continue
+
+    rc, tail = run_job([*job.cmd, '--deadline', f'{deadline:.0f}'], job.env, deadline, take)
     why = ('time budget spent (cut off while running)' if rc is None else
            f'failed, exit code {rc}: {tail[-1] if tail else ""}')
     for row in job.rows:
@@ -336,6 +331,15 @@ def _cell(value, fmt, scale=1.0):
   return '—' if value is None else format(value * scale, fmt)
 
 
+def _sig(value, scale=1.0):
+  """Three significant digits, without an exponent from 1000 up: rates span
+  a CPU's GFLOP/s and a GPU's TFLOP/s."""
+  if value is None:
+    return '—'
+  value *= scale
+  return f'{value:.0f}' if abs(value) >= 1000 else f'{value:.3g}'
+
+
 def _who(r):
   if r.get('part') == 'e2e':
     return f"{r['framework']} end to end"
@@ -343,7 +347,8 @@ def _who(r):
 
 
 LIVE_HEADER = ('| framework | model | batch | dtype | variant | step ms median [min–max] | img/s '
-               '| TFLOP/s | MFU | peak MB | compile s |\n|---|---|---|---|---|---|---|---|---|---|---|')
+               '| TFLOP/s | MFU | peak MB | compile s | other cores busy |\n'
+               '|---|---|---|---|---|---|---|---|---|---|---|---|')
 
 
 def live_line(r):
@@ -359,9 +364,9 @@ def live_line(r):
   return (f"| {_who(r)} | {r['model']} | {r['batch_size']} | {r['compute_dtype']} | "
           f"{r['variant']}{'' if r['all_finite'] else ' (non-finite loss)'} | "
           f"{r['step_time_ms']:.1f} [{r['step_time_ms_min']:.1f}–{r['step_time_ms_max']:.1f}] | "
-          f"{r['images_per_sec']:.1f} | {_cell(r.get('flops_per_sec'), '.1f', 1e-12)} | "
+          f"{r['images_per_sec']:.1f} | {_sig(r.get('flops_per_sec'), 1e-12)} | "
           f"{_cell(r.get('mfu'), '.1%')} | {common.mb(r.get('peak_bytes'))} | "
-          f"{_cell(r.get('compile_s'), '.1f')} |")
+          f"{_cell(r.get('compile_s'), '.1f')} | {common.cores(r.get('other_cpu_cores'))} |")
 
 
 def _table_order(r):
@@ -392,17 +397,18 @@ def markdown(records):
       f"`{meta['command']}`", '',
       '## Train step', '',
       '| framework | model | batch | dtype | variant | step ms median [min–max] | img/s '
-      '| × batch | GFLOP/step | TFLOP/s | MFU | peak MB | XLA MB | compile s |',
-      '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+      '| × batch | GFLOP/step | TFLOP/s | MFU | peak MB | XLA MB | compile s | other cores busy |',
+      '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in sorted(done, key=_table_order):
     lines.append(
         f"| {_who(r)} | {r['model']} | {r['batch_size']} | {r['compute_dtype']} | "
         f"{r['variant']}{'' if r['all_finite'] else ' (non-finite loss)'} | "
         f"{r['step_time_ms']:.1f} [{r['step_time_ms_min']:.1f}–{r['step_time_ms_max']:.1f}] | "
         f"{r['images_per_sec']:.1f} | {_cell(r['ratio_to_batch'], '.2f')} | "
-        f"{_cell(r['flops_per_step'], '.3g', 1e-9)} | {_cell(r['flops_per_sec'], '.1f', 1e-12)} | "
+        f"{_sig(r['flops_per_step'], 1e-9)} | {_sig(r['flops_per_sec'], 1e-12)} | "
         f"{_cell(r['mfu'], '.1%')} | {common.mb(r['peak_bytes'])} | "
-        f"{common.mb(r['xla_bytes'])} | {_cell(r['compile_s'], '.1f')} |")
+        f"{common.mb(r['xla_bytes'])} | {_cell(r['compile_s'], '.1f')} | "
+        f"{common.cores(r.get('other_cpu_cores'))} |")
   peaks = sorted({f"{r['peak_name']} {r['peak_tflops']:g}" for r in jax_rows if r['peak_name']})
   if peaks:
     lines += ['', "MFU: XLA's FLOPs per step over the step time, as a share of the "

@@ -80,6 +80,28 @@ def _device_name(device):
   return f'cpu:{model} ({torch.get_num_threads()} threads)'
 
 
+def _cpu_seconds():
+  """(wall, CPU seconds all cores were busy, CPU seconds of this process and
+  its children, torch.compile's workers), as
+  bnfree_jax.bench.common.cpu_seconds (this script imports nothing of
+  bnfree_jax), or None without /proc/stat."""
+  try:
+    with open('/proc/stat') as f:
+      jiffies = [int(x) for x in f.readline().split()[1:]]
+  except OSError:
+    return None
+  busy = (sum(jiffies) - jiffies[3] - jiffies[4]) / os.sysconf('SC_CLK_TCK')
+  t = os.times()
+  return t.elapsed, busy, t.user + t.system + t.children_user + t.children_system
+
+
+def _other_cores(start, end):
+  """Cores other processes kept busy on average between two _cpu_seconds()."""
+  if not (start and end) or end[0] <= start[0]:
+    return None
+  return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0]))
+
+
 def _sync(device):
   if device.type == 'cuda':
     torch.cuda.synchronize(device)
@@ -110,7 +132,7 @@ def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps
 
   if device.type == 'cuda':
     torch.cuda.reset_peak_memory_stats(device)
-  load_start = os.getloadavg()[0]
+  load_start, cpu_start = os.getloadavg()[0], _cpu_seconds()
   activities = [torch.profiler.ProfilerActivity.CPU]
   if device.type == 'cuda':
     activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -149,7 +171,8 @@ def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps
       all_finite=bool(torch.isfinite(loss).item()), device=_device_name(device),
       torch_version=torch.__version__, torchvision_version=torchvision.__version__,
       threads=torch.get_num_threads(), load_avg_start=load_start,
-      load_avg_end=os.getloadavg()[0], cpu_count=os.cpu_count(), host=platform.node(),
+      load_avg_end=os.getloadavg()[0], other_cpu_cores=_other_cores(cpu_start, _cpu_seconds()),
+      cpu_count=os.cpu_count(), host=platform.node(),
       trace_dir=trace_dir)
   return record
 
