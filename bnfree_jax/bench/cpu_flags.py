@@ -27,6 +27,10 @@ CPU_FLAG_SETS = (
                           'XNN_GRAPH_FUSION_MODE_GREEDY'}, []),
     ('no eigen threads', {'XLA_FLAGS': '--xla_cpu_multi_thread_eigen=false'}, []),
     ('fast math', {'XLA_FLAGS': '--xla_cpu_enable_fast_math=true'}, []),
+    # Convolutions on Eigen instead of YNNPACK, dots and reductions still on
+    # YNNPACK: faster filter gradients (results/bench/cpu_gap.md).
+    ('convs on Eigen', {'XLA_FLAGS': '--xla_cpu_experimental_ynn_fusion_type='
+                        'LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE'}, []),
     ('2 CPU devices', {'JAX_NUM_CPU_DEVICES': '2'}, []),
     ('1 core', {}, ['taskset', '-c', '0']),
 )
