@@ -409,6 +409,10 @@ def markdown(records):
         f"{_cell(r['mfu'], '.1%')} | {common.mb(r['peak_bytes'])} | "
         f"{common.mb(r['xla_bytes'])} | {_cell(r['compile_s'], '.1f')} | "
         f"{common.cores(r.get('other_cpu_cores'))} |")
+  lines += ['', 'Peak MB: the allocator\'s peak while the row ran (bnfree_jax: memory_stats(), '
+            "a job's rows in order of XLA's footprint estimate, n/a where an earlier row's "
+            'peak was higher or the backend keeps none; torch: max_memory_allocated()). '
+            "XLA MB: XLA's own estimate of the step's arguments, outputs and temporaries."]
   peaks = sorted({f"{r['peak_name']} {r['peak_tflops']:g}" for r in jax_rows if r['peak_name']})
   if peaks:
     lines += ['', "MFU: XLA's FLOPs per step over the step time, as a share of the "
