@@ -79,6 +79,7 @@ def test_variant_expansion():
     (['--suite', 'gpu', '--peer', 'tf'], 'torch, none'),
     (['--suite', 'gpu', '--peer-modes', 'eager,jit'], 'eager, compile'),
     (['--suite', 'gpu', '--peer-python', '/no/such/python'], '--peer none'),
+    (['--suite', 'gpu', '--width', '8'], '--peer none'),
     (['--suite', 'gpu', '--input', 'imagenet'], 'give one of them'),
     (['--dry-run'], '--suite'),
     (['--input', 'imagenet', '--trace', 'x'], '--suite'),

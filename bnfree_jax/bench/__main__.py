@@ -188,6 +188,9 @@ def _validate_suite(args):
   args.peer_modes = [] if args.peer == 'none' else common.split(args.peer_modes)
   for mode in args.peer_modes:
     _one_of('--peer-modes', mode, PEER_MODES)
+  if args.peer_modes and args.width != 64:
+    raise InputError(f'--width {args.width}: the PyTorch peer has torchvision\'s width, 64; '
+                     'give --peer none to measure another')
   if args.peer != 'none' and not os.access(args.peer_python, os.X_OK):
     raise InputError(f'--peer-python {args.peer_python!r} is not an executable file; '
                      'give a Python that has torch and torchvision, or --peer none')

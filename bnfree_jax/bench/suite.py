@@ -45,7 +45,7 @@ SUITE_VARIANTS = ('batch', 'weight', 'weight_clip_dropout', 'none')
 # Per-device batches; the first of each model is the one the other pieces
 # (peer compile, float32, end to end) are measured at first.
 SUITE_BATCHES = {'resnet18': (256,), 'resnet50': (256, 128)}
-OTHER_BATCHES = (128,)
+OTHER_BATCHES = (128,)  # Any other model --models names.
 PEER_SCRIPT = pathlib.Path(__file__).with_name('torch_peer.py')
 DRY_RUN = dict(batch_size=2, image_size=32, steps=2, warmup=1, e2e_steps=4, num_classes=10)
 
