@@ -19,7 +19,7 @@ class NoReadableCheckpointError(ValueError):
   """Checkpoints exist, but none restores into the expected train state."""
 
 
-def manager(workdir, *, keep: int, every_steps: int) -> ocp.CheckpointManager:
+def manager(workdir, *, keep: int) -> ocp.CheckpointManager:
   """A manager over WORKDIR/checkpoints.
 
   Saves are asynchronous, so the next train steps overlap the write; orbax
@@ -29,7 +29,6 @@ def manager(workdir, *, keep: int, every_steps: int) -> ocp.CheckpointManager:
   cleanup_tmp_directories removes them when the manager starts.
   """
   options = ocp.CheckpointManagerOptions(
-      save_interval_steps=every_steps,
       preservation_policy=ocp.checkpoint_managers.LatestN(keep),
       cleanup_tmp_directories=True,
   )
@@ -85,5 +84,25 @@ def _move_aside(mngr, steps):
   mngr.reload()
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, *, force=False) -> bool:
-  return mngr.save(step, args=ocp.args.StandardSave(state), force=force)
+def save(mngr: ocp.CheckpointManager, step: int, state) -> bool:
+  """Starts saving state as `step`; the trainer decides when, so orbax's own
+  interval policy is bypassed."""
+  return mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def read_variables(source: str) -> tuple[int, dict]:
+  """(step, {'params', 'batch_stats'} as numpy) of the newest checkpoint of
+  workdir `source`, or of the checkpoint directory source = .../STEP."""
+  path = epath.Path(source).absolute()
+  directory, step = (path / 'checkpoints', None) if (path / 'checkpoints').is_dir() else (
+      path.parent, path.name)
+  if step is not None and not step.isdigit():
+    raise ValueError(f'{source} is neither a workdir (with checkpoints/) nor a checkpoint '
+                     'directory (WORKDIR/checkpoints/STEP)')
+  with ocp.CheckpointManager(directory) as mngr:
+    step = int(step) if step is not None else mngr.latest_step()
+    if step is None:
+      raise ValueError(f'{source} holds no checkpoint')
+    # No target: the tree as saved, whatever optimizer or model wrote it.
+    saved = mngr.restore(step, args=ocp.args.StandardRestore())
+  return step, {k: jax.device_get(saved.get(k, {})) for k in ('params', 'batch_stats')}

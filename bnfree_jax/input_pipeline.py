@@ -6,6 +6,14 @@ and augments each one with stateless ops seeded by (seed, e, its position in
 the epoch). Process i of P takes the contiguous rows [i*B/P, (i+1)*B/P) of each
 global batch, and resuming skips undecoded records, so both reproduce the
 single-process stream bit for bit. Nothing is ever downloaded.
+
+config.train_subset > 0 keeps the first N examples of an in-memory training
+split, in their stored order; the epochs above are then epochs of those N.
+
+Data held in memory and fed as it is (synthetic, MNIST-style IDX files) is
+batched here with numpy; everything else (tfds reading, JPEG decoding,
+augmentation, resizing) goes through tf.data in input_tfds, which is the only
+module that imports TensorFlow.
 """
 
 import dataclasses
@@ -16,11 +24,6 @@ import struct
 from typing import Iterator
 
 import numpy as np
-import tensorflow as tf
-import tensorflow_datasets as tfds
-
-# TF only feeds the host; the accelerators belong to JAX.
-tf.config.set_visible_devices([], 'GPU')
 
 DATASETS = ('imagenet2012', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist',
             'synthetic')
@@ -28,7 +31,7 @@ DATASETS = ('imagenet2012', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist',
 # name: (num_classes, native image side, per-channel mean, std on a 0..1 scale).
 # synthetic takes its classes and side from config.synthetic; its mean and std
 # follow from how _synthetic draws pixels.
-_SPECS = {
+SPECS = {
     'imagenet2012': (1000, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     'cifar10': (10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     'cifar100': (100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -39,12 +42,12 @@ _SPECS = {
 _IDX_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
               't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
 _DEBIAN_IDX_DIRS = {'fashion_mnist': '/usr/share/datasets/fashion-mnist'}
-_AUTOTUNE = tf.data.AUTOTUNE
-_PREFETCH_BATCHES = 2
+_IDX_DATASETS = ('mnist', 'fashion_mnist')
+_AUGMENTED = ('cifar10', 'cifar100')  # Pad-crop-flip in training.
 
 
 class DataNotFoundError(ValueError):
-  """The dataset is not on this machine."""
+  """The dataset is not on this machine, or needs a package that is not."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,103 +64,87 @@ def dataset_info(config) -> DatasetInfo:
   name = config.dataset
   if name not in DATASETS:
     raise ValueError(f'dataset={name!r} is not one of: {", ".join(DATASETS)}')
-  size = _image_size(config)
+  _check_subset_dataset(config)
+  size = image_size(config)
   if name == 'synthetic':
     s = config.synthetic
     return DatasetInfo(name, s.num_classes, (size, size, s.channels),
-                       s.num_train, s.num_eval)
-  num_classes, _, mean, _ = _SPECS[name]
-  train, test = _tfds_split(config, True), _tfds_split(config, False)
-  if train is not None and test is not None:
-    counts = int(train.cardinality()), int(test.cardinality())
-  else:
+                       _subset_size(config, s.num_train), s.num_eval)
+  num_classes, _, mean, _ = SPECS[name]
+  counts = _tfds(config).num_examples(config) if _tfds_copy_possible(config) else None
+  if counts is None:
     directory = _idx_dir(config)
     counts = (_read_idx(os.path.join(directory, _IDX_FILES[1]), True)[0],
               _read_idx(os.path.join(directory, _IDX_FILES[3]), True)[0])
-  return DatasetInfo(name, num_classes, (size, size, len(mean)), *counts)
+  return DatasetInfo(name, num_classes, (size, size, len(mean)),
+                     _subset_size(config, counts[0]), counts[1])
 
 
-def train_batches(config, *, start_step: int, local_batch_size: int,
-                  process_index: int, process_count: int) -> Iterator[dict]:
-  """Endless {'image': float32 [B, H, W, C], 'label': int32 [B]} batches."""
-  info = dataset_info(config)
-  global_batch = _global_batch(local_batch_size, process_index, process_count)
-  steps_per_epoch = info.num_train // global_batch
-  if steps_per_epoch == 0:
-    raise ValueError(f'{info.num_train} training examples of {info.name} do '
-                     f'not fill one global batch of {global_batch}')
+def data_source(config) -> str:
+  """Where the data of config.dataset comes from: 'generated', 'tfds copy' or
+  'IDX files'."""
+  if config.dataset == 'synthetic':
+    return 'generated'
+  if _tfds_copy_possible(config) and _tfds(config).num_examples(config) is not None:
+    return 'tfds copy'
+  _idx_dir(config)
+  return 'IDX files'
+
+
+def train_batches(config, *, steps_per_epoch: int, start_step: int, local_batch_size: int,
+                  process_index: int = 0, process_count: int = 1) -> Iterator[dict]:
+  """Endless {'image': float32 [B, H, W, C], 'label': int32 [B]} batches of
+  local_batch_size rows, this process's share of each global batch;
+  steps_per_epoch global batches make an epoch (train.Setup's)."""
+  _check_shard(local_batch_size, process_index, process_count)
+  if steps_per_epoch <= 0:
+    raise ValueError(f'steps_per_epoch={steps_per_epoch} must be > 0')
   if start_step < 0:
     raise ValueError(f'start_step={start_step} must be >= 0')
-  if info.name == 'imagenet2012':
-    epoch_records = lambda epoch: _imagenet_train_records(config, epoch)
-  else:
-    images, labels = _arrays(config, train=True)
-    epoch_records = lambda epoch: _array_records(
-        images, labels, permutation(config.seed, epoch, len(labels)))
-  preprocess = _preprocess_fn(config, train=True)
-
-  def batches():
-    for epoch in itertools.count(start_step // steps_per_epoch):
-      aug_key = tf.constant(_epoch_keys(config.seed, epoch)[1], tf.int64)
-      first = max(start_step - epoch * steps_per_epoch, 0) * global_batch
-      ds = _local_rows(epoch_records(epoch), first,
-                       steps_per_epoch * global_batch, local_batch_size,
-                       process_index, process_count)
-      ds = ds.map(
-          lambda pos, ex: preprocess(ex, tf.stack([aug_key, pos])),
-          num_parallel_calls=_AUTOTUNE, deterministic=True)
-      ds = ds.batch(local_batch_size, drop_remainder=True)
-      yield from _numpy_batches(ds)
-
-  return batches()
+  _check_subset_dataset(config)
+  shard = dict(steps_per_epoch=steps_per_epoch, start_step=start_step,
+               local_batch_size=local_batch_size, process_index=process_index,
+               process_count=process_count)
+  if config.dataset == 'imagenet2012':
+    return _tfds(config).train_batches(config, None, **shard)
+  arrays = _arrays(config, train=True)
+  if _as_stored(config, train=True):
+    return _numpy_train_batches(config, *arrays, **shard)
+  return _tfds(config).train_batches(config, arrays, **shard)
 
 
-def eval_batches(config, *, local_batch_size: int, process_index: int,
-                 process_count: int) -> Iterator[dict]:
+def eval_batches(config, *, local_batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict]:
   """The eval split once, in order; 'mask' is False on the padding rows."""
+  _check_shard(local_batch_size, process_index, process_count)
   info = dataset_info(config)
-  global_batch = _global_batch(local_batch_size, process_index, process_count)
-  n = info.num_eval
-  if info.name == 'imagenet2012':
-    records = _tfds_split(config, False,
-                          decoders={'image': tfds.decode.SkipDecoding()})
-  else:
-    images, labels = _arrays(config, train=False)
-    records = _array_records(images, labels, np.arange(n))
-  preprocess = _preprocess_fn(config, train=False)
-  ds = _local_rows(records, 0, n, local_batch_size, process_index,
-                   process_count)
-  ds = ds.map(lambda pos, ex: {**preprocess(ex, None), 'mask': True},
-              num_parallel_calls=_AUTOTUNE, deterministic=True)
-  # Only the last global batch is short; this process's share of it is
-  # whatever of its row range falls below n.
-  num_batches = -(-n // global_batch)
-  last_rows = n - (num_batches - 1) * global_batch
-  real = ((num_batches - 1) * local_batch_size +
-          min(max(last_rows - process_index * local_batch_size, 0),
-              local_batch_size))
-  padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros(info.image_shape, tf.float32),
-      'label': tf.constant(0, tf.int32),
-      'mask': tf.constant(False),
-  }).repeat(num_batches * local_batch_size - real)
-  return _numpy_batches(ds.concatenate(padding).batch(local_batch_size))
-
-
-def _numpy_batches(ds):
-  """The batches as numpy, prefetched, with tf.data's autotuning off: deleting
-  an autotuned iterator waits for its model thread to wake, which stalled the
-  trainer 9-21 s at the end of each epoch, eval and run. Off, the maps keep
-  their rate (python -m bnfree_jax.bench --input: README)."""
-  options = tf.data.Options()
-  options.autotune.enabled = False
-  return ds.prefetch(_PREFETCH_BATCHES).with_options(options).as_numpy_iterator()
+  shard = dict(local_batch_size=local_batch_size, process_index=process_index,
+               process_count=process_count)
+  if config.dataset == 'imagenet2012':
+    return _tfds(config).eval_batches(config, None, num_eval=info.num_eval,
+                                image_shape=info.image_shape, **shard)
+  arrays = _arrays(config, train=False)
+  if _as_stored(config, train=False):
+    return _numpy_eval_batches(config, *arrays, **shard)
+  return _tfds(config).eval_batches(config, arrays, num_eval=info.num_eval,
+                              image_shape=info.image_shape, **shard)
 
 
 def permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
   """The order in which epoch `epoch` reads an in-memory training split."""
-  return np.random.default_rng(_epoch_keys(seed, epoch)[0]).permutation(
+  return np.random.default_rng(epoch_keys(seed, epoch)[0]).permutation(
       num_examples)
+
+
+def epoch_keys(seed, epoch):
+  """(order key, augmentation key) of one epoch, both uint32."""
+  return np.random.SeedSequence([seed, epoch]).generate_state(2)
+
+
+def image_size(config) -> int:
+  native = (config.synthetic.image_size if config.dataset == 'synthetic'
+            else SPECS[config.dataset][1])
+  return native if config.image_size == -1 else config.image_size
 
 
 def load_idx(directory: str):
@@ -168,6 +155,154 @@ def load_idx(directory: str):
   """
   arrays = [_read_idx(os.path.join(directory, f)) for f in _IDX_FILES]
   return arrays[0][..., None], arrays[1], arrays[2][..., None], arrays[3]
+
+
+# --------------------------------------------------------- numpy batches ----
+
+
+def _as_stored(config, train: bool) -> bool:
+  """Whether the split is fed as stored (only normalized), so numpy does it."""
+  native = (config.synthetic.image_size if config.dataset == 'synthetic'
+            else SPECS[config.dataset][1])
+  return image_size(config) == native and not (train and config.dataset in _AUGMENTED)
+
+
+def _normalize(config, images):
+  _, _, mean, std = SPECS[config.dataset]
+  # float32 throughout, as tf.data computed it: the same bits either way.
+  mean, std = 255 * np.array(mean, np.float32), 255 * np.array(std, np.float32)
+  return (images.astype(np.float32) - mean) / std
+
+
+def _numpy_train_batches(config, images, labels, *, steps_per_epoch, start_step,
+                         local_batch_size, process_index, process_count):
+  global_batch = local_batch_size * process_count
+  for epoch in itertools.count(start_step // steps_per_epoch):
+    order = permutation(config.seed, epoch, len(labels))
+    for step in range(max(start_step - epoch * steps_per_epoch, 0), steps_per_epoch):
+      first = step * global_batch + process_index * local_batch_size
+      rows = order[first:first + local_batch_size]
+      yield {'image': _normalize(config, images[rows]),
+             'label': labels[rows].astype(np.int32)}
+
+
+def _numpy_eval_batches(config, images, labels, *, local_batch_size, process_index,
+                        process_count):
+  n, global_batch = len(labels), local_batch_size * process_count
+  for first in range(0, n, global_batch):
+    start = min(first + process_index * local_batch_size, n)
+    stop = min(start + local_batch_size, n)
+    pad = local_batch_size - (stop - start)
+    image = _normalize(config, images[start:stop])
+    yield {'image': np.concatenate([image, np.zeros((pad, *image.shape[1:]), np.float32)]),
+           'label': np.concatenate([labels[start:stop].astype(np.int32),
+                                    np.zeros(pad, np.int32)]),
+           'mask': np.arange(local_batch_size) < stop - start}
+
+
+def _check_shard(local_batch_size, process_index, process_count):
+  if local_batch_size <= 0:
+    raise ValueError(f'local_batch_size={local_batch_size} must be > 0')
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in '
+                     f'[0, process_count={process_count})')
+
+
+# ------------------------------------------------------------ the splits ----
+
+
+def _tfds(config):
+  """The tf.data half, imported on first use: TensorFlow is needed for tfds
+  data, JPEGs, augmentation and resizing only."""
+  try:
+    from bnfree_jax import input_tfds
+  except ImportError as e:
+    raise DataNotFoundError(
+        f'dataset={config.dataset} (as configured) needs TensorFlow and tensorflow-datasets '
+        f'({e}): pip install tensorflow-cpu tensorflow-datasets') from e
+  return input_tfds
+
+
+def _tfds_copy_possible(config) -> bool:
+  """Whether a tfds copy may be read: IDX datasets are read without
+  TensorFlow where it is missing; the others need it (and _tfds says so)."""
+  if config.dataset not in _IDX_DATASETS:
+    return True
+  try:
+    _tfds(config)
+  except DataNotFoundError:
+    return False
+  return True
+
+
+def _arrays(config, train):
+  """(uint8 images [N, H, W, C], labels [N]) of a split that fits in memory;
+  of the training split, its first config.train_subset examples."""
+  if config.dataset == 'synthetic':
+    arrays = _synthetic(config, train)
+  else:
+    arrays = _tfds(config).arrays(config, train) if _tfds_copy_possible(config) else None
+    if arrays is None:
+      idx = load_idx(_idx_dir(config))
+      arrays = idx[:2] if train else idx[2:]
+  if not train:
+    return arrays
+  n = _subset_size(config, len(arrays[1]))
+  return arrays[0][:n], arrays[1][:n]
+
+
+def _check_subset_dataset(config):
+  """imagenet2012 is read record by record, never held whole: no subset."""
+  if config.train_subset != -1 and config.dataset == 'imagenet2012':
+    raise ValueError(f'train_subset={config.train_subset} is for the datasets held in '
+                     'memory, not imagenet2012 (streamed): leave it at -1')
+
+
+def _subset_size(config, num_train):
+  """How many training examples are used of the split's num_train."""
+  n = config.train_subset
+  if n == -1:
+    return num_train
+  if not 0 < n <= num_train:
+    raise ValueError(f'train_subset={n} is not -1 (all) or in 1..{num_train}, the size of '
+                     f'the {config.dataset} training split')
+  return n
+
+
+def _idx_dir(config):
+  """The first directory holding the four IDX files, else DataNotFoundError."""
+  name = config.dataset
+  tried = []
+  if name in _IDX_DATASETS:
+    if config.data_dir:
+      tried += [config.data_dir, os.path.join(config.data_dir, name)]
+    tried += [_DEBIAN_IDX_DIRS[name]] if name in _DEBIAN_IDX_DIRS else []
+    for directory in tried:
+      if all(os.path.exists(os.path.join(directory, f)) for f in _IDX_FILES):
+        return directory
+  if not _tfds_copy_possible(config):
+    root = None
+    message = f'{name}: no tfds copy sought (TensorFlow is not installed)'
+  else:
+    root = _tfds(config).data_dir_root(config)
+    message = f'{name}: no prepared tfds copy under {root}'
+  if name in _IDX_DATASETS:
+    files = ', '.join(_IDX_FILES)
+    message += (f' and no IDX files ({files}) in {tried}' if tried else
+                f'; data_dir is empty, so no IDX files ({files}) were sought')
+  if name == 'imagenet2012':
+    message += ('. TFDS cannot download ImageNet: put ILSVRC2012_img_train.tar'
+                f' and ILSVRC2012_img_val.tar in {root}/downloads/manual, then'
+                f' run `tfds build imagenet2012 --data_dir={root}`.')
+  else:
+    message += (f'. Run `tfds build {name} --data_dir={root or "DIR"}` on a machine '
+                'with internet and copy the result here')
+    if name in _IDX_DATASETS:
+      message += ', or set data_dir to a directory holding the IDX files'
+    if name == 'fashion_mnist':
+      message += ', or `apt-get install dataset-fashion-mnist`'
+    message += '.'
+  raise DataNotFoundError(message)
 
 
 def _read_idx(path, header_only=False):
@@ -181,117 +316,6 @@ def _read_idx(path, header_only=False):
     return np.frombuffer(f.read(), np.uint8).reshape(shape)
 
 
-def _image_size(config):
-  native = (config.synthetic.image_size if config.dataset == 'synthetic'
-            else _SPECS[config.dataset][1])
-  return native if config.image_size == -1 else config.image_size
-
-
-def _global_batch(local_batch_size, process_index, process_count):
-  if local_batch_size <= 0:
-    raise ValueError(f'local_batch_size={local_batch_size} must be > 0')
-  if not 0 <= process_index < process_count:
-    raise ValueError(f'process_index={process_index} is not in '
-                     f'[0, process_count={process_count})')
-  return local_batch_size * process_count
-
-
-def _epoch_keys(seed, epoch):
-  """(order key, augmentation key) of one epoch, both uint32."""
-  return np.random.SeedSequence([seed, epoch]).generate_state(2)
-
-
-def _local_rows(records, start, stop, local_batch_size, process_index,
-                process_count):
-  """(position, record) of this process's rows among positions [start, stop).
-
-  Rows are dropped before any decoding, so skipped steps and other processes'
-  rows cost a record read at most.
-  """
-  return records.skip(start).take(stop - start).enumerate(start).filter(
-      lambda pos, _: pos // local_batch_size % process_count == process_index)
-
-
-def _array_records(images, labels, order):
-  images, labels = tf.constant(images), tf.constant(labels)
-  return tf.data.Dataset.from_tensor_slices(order).map(
-      lambda i: {'image': tf.gather(images, i), 'label': tf.gather(labels, i)})
-
-
-def _imagenet_train_records(config, epoch):
-  # Too big to permute in memory: the epoch order is a seeded shuffle of the
-  # files, then of a buffer of undecoded records.
-  order_key = int(_epoch_keys(config.seed, epoch)[0])
-  ds = _tfds_split(config, True, shuffle_seed=order_key,
-                   decoders={'image': tfds.decode.SkipDecoding()})
-  return ds.shuffle(config.shuffle_buffer, seed=order_key)
-
-
-def _tfds_split(config, train, shuffle_seed=None, **as_dataset_kwargs):
-  """The split as a tf.data.Dataset, or None when tfds has no prepared copy."""
-  builder = tfds.builder(config.dataset, data_dir=config.data_dir or None)
-  if train:
-    split = 'train'
-  else:
-    split = 'validation' if config.dataset == 'imagenet2012' else 'test'
-  # Every process must see the same record order: pin the file interleave
-  # rather than rely on tfds' default.
-  read_config = tfds.ReadConfig(shuffle_seed=shuffle_seed,
-                                interleave_cycle_length=16)
-  try:
-    return builder.as_dataset(split=split, read_config=read_config,
-                              shuffle_files=shuffle_seed is not None,
-                              **as_dataset_kwargs)
-  except AssertionError:  # tfds' "could not find data"; never download.
-    return None
-
-
-def _arrays(config, train):
-  """(uint8 images [N, H, W, C], labels [N]) of a split that fits in memory."""
-  if config.dataset == 'synthetic':
-    return _synthetic(config, train)
-  ds = _tfds_split(config, train)
-  if ds is not None:
-    # Not as_dataset(batch_size=-1): it batches by info.splits, which is
-    # empty under tfds.testing.mock_data.
-    ex = next(ds.batch(int(ds.cardinality())).as_numpy_iterator())
-    return ex['image'], ex['label']
-  arrays = load_idx(_idx_dir(config))
-  return arrays[:2] if train else arrays[2:]
-
-
-def _idx_dir(config):
-  """The first directory holding the four IDX files, else DataNotFoundError."""
-  name = config.dataset
-  tried = []
-  if name in ('mnist', 'fashion_mnist'):
-    if config.data_dir:
-      tried += [config.data_dir, os.path.join(config.data_dir, name)]
-    tried += [_DEBIAN_IDX_DIRS[name]] if name in _DEBIAN_IDX_DIRS else []
-    for directory in tried:
-      if all(os.path.exists(os.path.join(directory, f)) for f in _IDX_FILES):
-        return directory
-  root = tfds.builder(name, data_dir=config.data_dir or None).data_dir_root
-  message = f'{name}: no prepared tfds copy under {root}'
-  if name in ('mnist', 'fashion_mnist'):
-    files = ', '.join(_IDX_FILES)
-    message += (f' and no IDX files ({files}) in {tried}' if tried else
-                f'; data_dir is empty, so no IDX files ({files}) were sought')
-  if name == 'imagenet2012':
-    message += ('. TFDS cannot download ImageNet: put ILSVRC2012_img_train.tar'
-                f' and ILSVRC2012_img_val.tar in {root}/downloads/manual, then'
-                f' run `tfds build imagenet2012 --data_dir={root}`.')
-  else:
-    message += (f'. Run `tfds build {name} --data_dir={root}` on a machine '
-                'with internet and copy the result here')
-    if name in ('mnist', 'fashion_mnist'):
-      message += ', or set data_dir to a directory holding the IDX files'
-    if name == 'fashion_mnist':
-      message += ', or `apt-get install dataset-fashion-mnist`'
-    message += '.'
-  raise DataNotFoundError(message)
-
-
 def _synthetic(config, train):
   """Class-conditional images: a fixed random pattern per class plus noise."""
   s = config.synthetic
@@ -303,50 +327,3 @@ def _synthetic(config, train):
   labels = rng.integers(s.num_classes, size=s.num_train if train else s.num_eval)
   images = patterns[labels] + rng.normal(0, 48, (len(labels), *shape))
   return np.clip(np.rint(images), 0, 255).astype(np.uint8), labels
-
-
-def _preprocess_fn(config, train):
-  """fn(record, seed) -> {'image': normalized float32, 'label': int32}."""
-  name, size = config.dataset, _image_size(config)
-  _, _, mean, std = _SPECS[name]
-  mean, std = 255 * np.array(mean, np.float32), 255 * np.array(std, np.float32)
-
-  # Python-level branches on the dataset name: nothing for AutoGraph to convert.
-  @tf.autograph.experimental.do_not_convert
-  def fn(ex, seed):
-    image = ex['image']
-    if name == 'imagenet2012':
-      image = _decode_crop(image, size, seed if train else None)
-    elif train and name in ('cifar10', 'cifar100'):
-      crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
-      image = tf.image.stateless_random_crop(
-          tf.pad(image, [[4, 4], [4, 4], [0, 0]]), tf.shape(image), crop_seed)
-      image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-    if tuple(image.shape[:2]) != (size, size):
-      image = tf.image.resize(image, (size, size))
-    image = (tf.cast(image, tf.float32) - mean) / std
-    return {'image': image, 'label': tf.cast(ex['label'], tf.int32)}
-
-  return fn
-
-
-def _decode_crop(jpeg, size, seed):
-  """Inception crop + flip when seeded, else the central 87.5% (224/256)."""
-  shape = tf.image.extract_jpeg_shape(jpeg)
-  if seed is not None:
-    crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
-    begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape, tf.zeros([0, 0, 4]), seed=crop_seed, min_object_covered=0.0,
-        aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
-        use_image_if_no_bounding_boxes=True)
-    window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
-  else:
-    side = tf.cast(0.875 * tf.cast(tf.reduce_min(shape[:2]), tf.float32),
-                   tf.int32)
-    window = tf.stack([(shape[0] - side) // 2, (shape[1] - side) // 2, side,
-                       side])
-  image = tf.image.resize(tf.io.decode_and_crop_jpeg(jpeg, window, channels=3),
-                          (size, size))
-  if seed is not None:
-    image = tf.image.stateless_random_flip_left_right(image, flip_seed)
-  return image

@@ -1,4 +1,18 @@
-"""Command line: python -m bnfree_jax.main --config CONFIG.py --workdir DIR [--config.key=value ...]
+"""Trains, or evaluates, one run; a rerun resumes it from its newest checkpoint.
+
+usage: python -m bnfree_jax.main --config CONFIG.py[:arg] --workdir DIR [--config.key=value ...]
+
+  --config CONFIG.py[:arg]  a recipe file (configs/*.py, or a file anywhere)
+                            whose get_config(arg) returns the run's settings;
+                            every key and its meaning: configs/default.py.
+  --config.key=value        overrides one setting, e.g. --config.batch_size=512
+                            --config.lr_schedule.base_lr=0.2; an unknown key is
+                            an error.
+  --workdir DIR             checkpoints, TensorBoard events and config.json;
+                            view with `tensorboard --logdir DIR`.
+  --coordinator_address HOST:PORT --num_processes N --process_id I
+                            a multi-process run (else SLURM's, Open MPI's or
+                            JAX's own environment is read when present).
 
 Exit codes: 0 done; 2 bad input (config, data, workdir), reported in one line
 before anything is compiled; 3 the loss or gradient became non-finite;
@@ -11,7 +25,7 @@ import re
 import sys
 import traceback
 
-# TF serves input only: silence its start-up chatter.
+# TF serves input only (where the data needs it): silence its start-up chatter.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
 
@@ -74,6 +88,9 @@ def _unknown_key(error) -> str:
 
 def run(argv=None) -> int:
   argv = sys.argv if argv is None else argv
+  if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
+    print(__doc__)
+    return 0
   try:
     fv = _flags(argv)
     if fv['config'].present == 0 or fv.workdir is None:
@@ -92,7 +109,7 @@ def run(argv=None) -> int:
   for chatty in ('jax', 'absl'):
     logging.getLogger(chatty).setLevel(logging.WARNING)
 
-  from bnfree_jax import runtime, train, workdir as workdirs  # Imports JAX and TF: after the flags are fine.
+  from bnfree_jax import runtime, train, workdir as workdirs  # After the flags are fine.
   # From here on SIGTERM/SIGINT only raise a flag, which the training loop
   # reads: a signal while the processes meet, the state is restored or the
   # programs compile still ends the run with a checkpoint and exit code 75.
@@ -106,7 +123,7 @@ def run(argv=None) -> int:
     # Every check that needs no compilation, so a typo costs seconds, and one
     # process's bad input (data missing on its host, say) stops all of them.
     try:
-      train.setup(config)
+      s = train.setup(config)
       workdirs.check_workdir(config, workdir)
       error = None
     except (ValueError, TypeError) as e:  # TypeError: a config value of the wrong type.
@@ -115,7 +132,7 @@ def run(argv=None) -> int:
     if error:
       return _fail(EXIT_BAD_INPUT, error)
     try:
-      train.train_and_evaluate(config, workdir, stop=stop)
+      train.train_and_evaluate(s, workdir, stop=stop)
     except workdirs.InputError as e:
       return _fail(EXIT_BAD_INPUT, str(e))
     except train.NonFiniteError as e:

@@ -14,12 +14,14 @@ def _correct_topk(logits, labels, k):
   return jnp.any(topk == labels[:, None], axis=-1).astype(jnp.float32)
 
 
-def per_example(logits, labels):
-  """Cross-entropy, top-1 and top-5 correctness for each example."""
+def per_example(logits, labels, label_smoothing: float = 0.0):
+  """Cross-entropy (against labels smoothed by label_smoothing), top-1 and
+  top-5 correctness for each example."""
   logits = logits.astype(jnp.float32)
   k = min(5, logits.shape[-1])
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
   return dict(
-      loss=optax.softmax_cross_entropy_with_integer_labels(logits, labels),
+      loss=optax.softmax_cross_entropy(logits, targets),
       top1=_correct_topk(logits, labels, 1),
       top5=_correct_topk(logits, labels, k),
   )
@@ -55,6 +57,14 @@ class TrainMetrics(metrics.Collection):
 
 
 @flax.struct.dataclass
+class EpochMetrics(metrics.Collection):
+  """Training loss and top-1 over a whole epoch: the paper's (and PyTorch's
+  ImageNet example's) "training accuracy"."""
+  loss: _applied_average('loss')
+  top1: _applied_average('top1')
+
+
+@flax.struct.dataclass
 class EvalMetrics(metrics.Collection):
   # Averages over examples whose mask is set, so the padding of the last
   # batch counts for nothing and the whole split counts exactly once.
@@ -69,6 +79,12 @@ def _layer_and_stage(path):
   return layer, keys[0].split('_')[0]
 
 
+def layer_names(tree) -> list[str]:
+  """The layers ('stage1_block0/conv1', ...) of a parameter tree, as the
+  gradient summaries name them."""
+  return sorted({_layer_and_stage(path)[0] for path, _ in jax.tree_util.tree_leaves_with_path(tree)})
+
+
 def layer_grad_norms(grads):
   """L2 norm of the gradient of each layer (all its parameters together)."""
   squares = {}
@@ -78,15 +94,19 @@ def layer_grad_norms(grads):
   return {layer: jnp.sqrt(s) for layer, s in squares.items()}
 
 
-def grad_magnitude_samples(grads, per_stage: int = 16_384):
-  """log10 |g| of up to `per_stage` evenly strided gradient entries per stage
-  (stem, stage1..4, head): enough for a histogram, small enough to fetch."""
-  stages = {}
+def grad_magnitude_samples(grads, layer: str = '', per_group: int = 16_384):
+  """log10 |g| of up to `per_group` evenly strided gradient entries per stage
+  (stem, stage1..4, head) and, when given, of one layer ('stage2_block1/conv2'
+  -> key 'stage2_block1.conv2'): enough for a histogram, small enough to fetch."""
+  groups = {}
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
-    stages.setdefault(_layer_and_stage(path)[1], []).append(g.reshape(-1))
+    name, stage = _layer_and_stage(path)
+    groups.setdefault(stage, []).append(g.reshape(-1))
+    if name == layer:
+      groups.setdefault(layer.replace('/', '.'), []).append(g.reshape(-1))
   samples = {}
-  for stage, parts in stages.items():
+  for group, parts in groups.items():
     flat = jnp.concatenate(parts).astype(jnp.float32)
-    stride = max(1, flat.size // per_stage)
-    samples[stage] = jnp.log10(jnp.abs(flat[::stride]) + 1e-30)
+    stride = max(1, flat.size // per_group)
+    samples[group] = jnp.log10(jnp.abs(flat[::stride]) + 1e-30)
   return samples

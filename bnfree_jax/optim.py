@@ -1,12 +1,14 @@
 """The optimizer of the paper, assembled from optax parts.
 
-SGD with momentum and masked weight decay; a learning-rate schedule with an
-optional linear warm-up; gradient clipping by global norm whose threshold
-follows a per-epoch schedule (the paper's "adaptive clipping"), or unit-wise
-adaptive gradient clipping (Brock et al. 2021). Schedules are functions of the
-update count, starting at 0 for the first update.
+SGD with momentum and weight decay (on kernels only, or on every parameter as
+PyTorch's SGD(model.parameters()) does); a learning-rate schedule with an
+optional linear warm-up and constant hold; gradient clipping by global norm
+whose threshold follows a per-epoch schedule (the paper's "adaptive
+clipping"), or unit-wise adaptive gradient clipping (Brock et al. 2021).
+Schedules are functions of the update count, starting at 0 for the first update.
 """
 
+import math
 from typing import Callable, NamedTuple
 
 import jax
@@ -14,7 +16,8 @@ import jax.numpy as jnp
 import optax
 
 LR_SCHEDULES = ('constant', 'linear', 'exponential', 'step', 'cyclic', 'cosine')
-CLIP_MODES = ('none', 'constant', 'log', 'agc')
+CLIP_MODES = ('none', 'constant', 'log', 'log_curve', 'agc')
+WEIGHT_DECAY_ON = ('kernels', 'all')
 
 
 class Optimizer(NamedTuple):
@@ -22,6 +25,7 @@ class Optimizer(NamedTuple):
   learning_rate: optax.Schedule
   # None when no global-norm clipping is configured.
   clip_threshold: optax.Schedule | None
+  warmup_steps: int
 
 
 def _one_of(what, value, allowed):
@@ -43,22 +47,47 @@ def cyclic_triangular_schedule(min_lr: float, max_lr: float,
   return schedule
 
 
+def warmup_steps(cfg, steps_per_epoch: int) -> int:
+  """Steps of config.lr_schedule's linear warm-up."""
+  return int(round(cfg.warmup_epochs * steps_per_epoch))
+
+
+def staircase_schedule(schedule: optax.Schedule, every: int) -> optax.Schedule:
+  """`schedule` held at its value at the start of each run of `every` updates."""
+  return lambda count: schedule(count // every * every)
+
+
+def log_curve_schedule(first: float, last: float, steps_per_epoch: int,
+                       num_epochs: int) -> optax.Schedule:
+  """first + a ln(1 + epoch), a such that the last epoch (num_epochs - 1) gets
+  `last`; constant within an epoch, and `last` after the run."""
+  a = (last - first) / math.log(num_epochs)
+  def schedule(count):
+    epoch = jnp.minimum(count // steps_per_epoch, num_epochs - 1)
+    return first + a * jnp.log1p(epoch.astype(jnp.float32))
+  return schedule
+
+
 def learning_rate_schedule(cfg, steps_per_epoch: int,
                            total_steps: int) -> optax.Schedule:
   """The LR at each update count, from config.lr_schedule.
 
-  Epoch numbers (step_epochs) count from the start of training, warm-up
-  included; the decaying schedules span the steps after the warm-up.
+  An optional linear warm-up, then base_lr held for hold_epochs, then the named
+  schedule, which spans the remaining steps; epoch numbers (step_epochs) count
+  from the start of training. With staircase_epochs > 0 the named schedule
+  changes only every staircase_epochs, counted from its own start.
   """
   _one_of('lr_schedule.name', cfg.name, LR_SCHEDULES)
   _positive('lr_schedule.base_lr', cfg.base_lr)
-  if cfg.warmup_epochs < 0:
-    raise ValueError(f'lr_schedule.warmup_epochs={cfg.warmup_epochs!r} must be >= 0')
-  warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
-  if warmup_steps >= total_steps:
-    raise ValueError(f'lr_schedule.warmup_epochs={cfg.warmup_epochs!r} leaves no '
-                     f'steps after the warm-up ({total_steps} steps in all)')
-  decay_steps = total_steps - warmup_steps
+  for key in ('warmup_epochs', 'hold_epochs', 'staircase_epochs'):
+    if cfg[key] < 0:
+      raise ValueError(f'lr_schedule.{key}={cfg[key]!r} must be >= 0')
+  warmup = warmup_steps(cfg, steps_per_epoch)
+  hold_steps = int(round(cfg.hold_epochs * steps_per_epoch))
+  start = warmup + hold_steps
+  # A run shorter than its warm-up and hold (a smoke test of a recipe) never
+  # decays: the LR rises at the recipe's rate, then holds, for the whole run.
+  decay_steps = max(total_steps - start, 1)
   base = cfg.base_lr
 
   if cfg.name == 'constant':
@@ -72,7 +101,7 @@ def learning_rate_schedule(cfg, steps_per_epoch: int,
                                    staircase=True)
   elif cfg.name == 'step':
     main = optax.piecewise_constant_schedule(
-        base, {int(e * steps_per_epoch) - warmup_steps: cfg.step_factor
+        base, {int(e * steps_per_epoch) - start: cfg.step_factor
                for e in cfg.step_epochs})
   else:  # cyclic
     if not 0 <= cfg.min_lr < base:
@@ -80,19 +109,30 @@ def learning_rate_schedule(cfg, steps_per_epoch: int,
     _positive('lr_schedule.cycle_epochs', cfg.cycle_epochs)
     main = cyclic_triangular_schedule(
         cfg.min_lr, base, max(1, int(round(cfg.cycle_epochs * steps_per_epoch))))
+  if cfg.staircase_epochs > 0:
+    main = staircase_schedule(main, max(1, int(round(cfg.staircase_epochs * steps_per_epoch))))
 
-  if warmup_steps == 0:
+  schedules, boundaries = [], []
+  if warmup:
+    schedules.append(optax.linear_schedule(cfg.warmup_init_lr, base, warmup))
+    boundaries.append(warmup)
+  if hold_steps:
+    schedules.append(optax.constant_schedule(base))
+    boundaries.append(start)
+  if not boundaries:
     return main
-  warmup = optax.linear_schedule(cfg.warmup_init_lr, base, warmup_steps)
-  return optax.join_schedules([warmup, main], [warmup_steps])
+  return optax.join_schedules([*schedules, main], boundaries)
 
 
 def clip_threshold_schedule(cfg, steps_per_epoch: int,
                             num_epochs: int) -> optax.Schedule | None:
   """The global-norm clipping threshold per update count, constant per epoch.
 
-  'log' moves the threshold log-linearly from `threshold` in the first epoch to
-  `final_threshold` in the last, so it can rise or fall (the paper says both).
+  Both shapes go from `threshold` in the first epoch to `final_threshold` in
+  the last, so they can rise or fall (the paper says both), and stay there
+  after the run. 'log' is log-linear, a constant factor per epoch (slow at
+  first, fast at the end); 'log_curve' is threshold + a ln(1 + epoch) (fast at
+  first, then nearly flat).
   """
   _one_of('grad_clip.mode', cfg.mode, CLIP_MODES)
   if cfg.mode in ('none', 'agc'):
@@ -101,6 +141,8 @@ def clip_threshold_schedule(cfg, steps_per_epoch: int,
   if cfg.mode == 'constant' or num_epochs < 2:
     return optax.constant_schedule(cfg.threshold)
   _positive('grad_clip.final_threshold', cfg.final_threshold)
+  if cfg.mode == 'log_curve':
+    return log_curve_schedule(cfg.threshold, cfg.final_threshold, steps_per_epoch, num_epochs)
   rate = (cfg.final_threshold / cfg.threshold) ** (1.0 / (num_epochs - 1))
   return optax.exponential_decay(cfg.threshold, steps_per_epoch, rate,
                                  staircase=True, end_value=cfg.final_threshold)
@@ -137,7 +179,11 @@ def momentum_sgd(learning_rate: optax.Schedule, momentum: float,
 
 def create_optimizer(config, steps_per_epoch: int, total_steps: int,
                      weight_decay_mask: Callable) -> Optimizer:
-  """The full chain: clip raw gradients, add weight decay, momentum SGD."""
+  """The full chain: clip raw gradients, add weight decay, momentum SGD.
+
+  weight_decay_mask (params -> bool tree) picks the decayed leaves when
+  optimizer.weight_decay_on is 'kernels'; 'all' decays every leaf.
+  """
   num_epochs = -(-total_steps // steps_per_epoch)
   lr = learning_rate_schedule(config.lr_schedule, steps_per_epoch, total_steps)
   clip = clip_threshold_schedule(config.grad_clip, steps_per_epoch, num_epochs)
@@ -146,9 +192,11 @@ def create_optimizer(config, steps_per_epoch: int, total_steps: int,
     raise ValueError(f'optimizer.momentum={opt.momentum!r} must lie in [0, 1)')
   if opt.weight_decay < 0:
     raise ValueError(f'optimizer.weight_decay={opt.weight_decay!r} must be >= 0')
+  _one_of('optimizer.weight_decay_on', opt.weight_decay_on, WEIGHT_DECAY_ON)
+  mask = weight_decay_mask if opt.weight_decay_on == 'kernels' else None
   tx = optax.chain(
       _clipping(config.grad_clip, clip),
-      optax.add_decayed_weights(opt.weight_decay, mask=weight_decay_mask),
+      optax.add_decayed_weights(opt.weight_decay, mask=mask),
       momentum_sgd(lr, opt.momentum, opt.nesterov, opt.momentum_correction),
   )
-  return Optimizer(tx, lr, clip)
+  return Optimizer(tx, lr, clip, warmup_steps(config.lr_schedule, steps_per_epoch))

@@ -9,29 +9,31 @@ its Figs. 2-9. Unfinished or diverged runs are reported with what they logged.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
 from typing import NamedTuple
 
+import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-# Train split sizes, to turn steps into epochs when train/epoch is not logged;
-# the trainer's steps per epoch is num_train // batch_size.
-_NUM_TRAIN = {'imagenet2012': 1_281_167, 'cifar10': 50_000, 'cifar100': 50_000,
-              'mnist': 60_000, 'fashion_mnist': 60_000}
+from bnfree_jax import logs, optim, workdir as workdirs
+
 _DPI = 110
+HIST_LAYER = 'stage2_block1.conv2'  # configs/default.py's histogram_layer, as tagged.
 # File stem -> caption in report.md; {stage} is --hist-stage.
 _FIGURES = {
     'loss': 'Training and validation loss (paper Figs. 2, 4-8)',
     'accuracy': 'Training and validation top-1 (paper Figs. 4-8)',
     'grad_histograms': 'Gradient magnitudes of {stage} over training (paper Fig. 3)',
-    'schedules': 'Learning rate and clipping threshold (paper Fig. 9)',
+    'grad_histogram_layer': 'Gradient magnitudes of the layer {layer} over training '
+                            "(paper Fig. 3: ResNet-18's ninth layer)",
+    'schedules': 'Learning rate and clipping threshold (paper Fig. 9; dotted: the '
+                 "threshold's other log shape, grad_clip.mode log vs log_curve)",
     'grad_norms': 'Gradient global norm and clipping threshold',
 }
 
@@ -55,67 +57,78 @@ def _check_run_dir(run_dir):
     raise ReportError(f'run directory {run_dir} has no TensorBoard event files')
 
 
-def _read_tag(acc, tag):
-  """Steps and values of one tag. A resumed run logs again from its checkpoint
-  step, so a step at or below the last one seen drops the stale points after
-  it: EventAccumulator only purges on TF1 restart markers, which TF2 writers
-  never emit."""
-  steps, values = [], []
-  for event in acc.Tensors(tag):
-    while steps and steps[-1] >= event.step:
-      steps.pop()
-      values.pop()
-    steps.append(event.step)
-    values.append(tensor_util.make_ndarray(event.tensor_proto))
-  return steps, values
+def _keep_last_run(points):
+  """(step, value) points of one tag in the order written. A resumed run logs
+  again from its checkpoint step, so a step at or below the last one seen
+  drops the stale points after it: EventAccumulator only purges on TF1
+  restart markers, which newer writers never emit."""
+  kept = []
+  for step, value in points:
+    while kept and kept[-1][0] >= step:
+      kept.pop()
+    kept.append((step, value))
+  return kept
 
 
-def _steps_per_epoch(config, scalars):
-  if 'train/epoch' in scalars:
-    steps, epochs = scalars['train/epoch']
+def _histogram(proto):
+  """[k, 3] (left edge, right edge, count) of a HistogramProto (tensorboardX)."""
+  right = np.asarray(proto.bucket_limit, float)
+  left = np.concatenate([[proto.min], right[:-1]])
+  return np.stack([left, right, np.asarray(proto.bucket, float)], axis=1)
+
+
+def _tag_points(acc):
+  """{tag: (is_histogram, [(step, value)])} of the trainer's events (written
+  with tensorboardX) and of older runs' (tf.summary tensor summaries)."""
+  tags = acc.Tags()
+  points = {t: (False, [(e.step, e.value) for e in acc.Scalars(t)]) for t in tags['scalars']}
+  points.update({t: (True, [(e.step, _histogram(e.histogram_value))
+                            for e in acc.Histograms(t)]) for t in tags['histograms']})
+  for t in tags['tensors']:
+    histogram = acc.SummaryMetadata(t).plugin_data.plugin_name == 'histograms'
+    points[t] = (histogram, [(e.step, tensor_util.make_ndarray(e.tensor_proto))
+                             for e in acc.Tensors(t)])
+  return points
+
+
+def _steps_per_epoch(scalars):
+  if logs.EPOCH in scalars:
+    steps, epochs = scalars[logs.EPOCH]
     if (epochs > 0).any():
       return float(np.median(steps[epochs > 0] / epochs[epochs > 0]))
-  dataset, batch = config.get('dataset'), config.get('batch_size')
-  num_train = (config.get('synthetic', {}).get('num_train') if dataset == 'synthetic'
-               else _NUM_TRAIN.get(dataset))
-  return num_train // batch if num_train and batch and num_train >= batch else None
+  return None  # Nothing logged yet: figures fall back to steps.
 
 
 def load_run(run_dir) -> Run:
   """Every scalar and histogram tag of a run directory, and its config."""
   _check_run_dir(run_dir)
-  # Scalars and histograms of TF2 writers are both tensor summaries; 0 keeps all.
-  acc = event_accumulator.EventAccumulator(
-      run_dir, size_guidance={event_accumulator.TENSORS: 0})
+  # 0 keeps every point.
+  acc = event_accumulator.EventAccumulator(run_dir, size_guidance={
+      event_accumulator.TENSORS: 0, event_accumulator.SCALARS: 0,
+      event_accumulator.HISTOGRAMS: 0})
   acc.Reload()
   scalars, hists = {}, {}
-  for tag in acc.Tags()['tensors']:
-    steps, values = _read_tag(acc, tag)
-    if acc.SummaryMetadata(tag).plugin_data.plugin_name == 'histograms':
+  for tag, (histogram, points) in _tag_points(acc).items():
+    steps, values = zip(*_keep_last_run(points)) if points else ((), ())
+    if histogram:
       # Buckets with non-finite edges (log10 of a zero gradient) cannot be drawn.
       finite = [(s, h[np.isfinite(h).all(axis=1)]) for s, h in zip(steps, values)]
       hists[tag] = [(s, h) for s, h in finite if len(h)]
     else:
       scalars[tag] = (np.asarray(steps, float), np.asarray(values, float).reshape(-1))
-  config = {}
-  path = os.path.join(run_dir, 'config.json')
-  if os.path.exists(path):
-    try:
-      with open(path) as f:
-        config = json.load(f)
-    except json.JSONDecodeError as e:
-      raise ReportError(f'{path} is not valid JSON: {e}') from None
+  try:
+    config = workdirs.read_config(run_dir) or {}
+  except workdirs.InputError as e:
+    raise ReportError(str(e)) from None
   name = os.path.basename(os.path.normpath(run_dir))
-  return Run(name, config, scalars, hists, _steps_per_epoch(config, scalars))
+  return Run(name, config, scalars, hists, _steps_per_epoch(scalars))
 
 
 # ---------------------------------------------------------------- tables ----
 
 
 def _get(config, dotted, default='?'):
-  for key in dotted.split('.'):
-    config = config.get(key) if isinstance(config, dict) else None
-  return default if config is None else config
+  return workdirs.lookup(config, dotted, default)
 
 
 def _last(run, tag):
@@ -149,29 +162,42 @@ def _clip_cell(config):
   mode, threshold = _get(config, 'grad_clip.mode'), _get(config, 'grad_clip.threshold')
   if mode == 'constant':
     return f'constant {threshold:g}'
-  if mode == 'log':
-    return f'log {threshold:g}→{_get(config, "grad_clip.final_threshold"):g}'
+  if mode in ('log', 'log_curve'):
+    return f'{mode} {threshold:g}→{_get(config, "grad_clip.final_threshold"):g}'
   if mode == 'agc':
     return f'agc {_get(config, "grad_clip.agc_clipping"):g}'
   return mode
+
+
+def _total_steps(run):
+  """The run's planned length, as the trainer computes it; 0 when unknown."""
+  total = _get(run.config, 'num_train_steps', -1)
+  if total <= 0 and run.steps_per_epoch:
+    total = int(_get(run.config, 'num_epochs', 0) * run.steps_per_epoch)
+  return max(total, 0)
 
 
 def _progress_cells(run):
   """'steps / epochs' and notes on what the run is missing or did wrong."""
   done = max((int(s[-1]) for s, _ in run.scalars.values() if len(s)), default=0)
   epochs = f'{done / run.steps_per_epoch:.2f}' if run.steps_per_epoch else '?'
-  notes = [] if 'eval/top1' in run.scalars else ['no eval yet']
-  for tag in ('train/loss', 'eval/loss'):
+  notes = [] if logs.tag(logs.EVAL, 'top1') in run.scalars else ['no eval yet']
+  for tag in (logs.tag(logs.TRAIN, 'loss'), logs.tag(logs.EVAL, 'loss')):
     if tag in run.scalars and not np.isfinite(run.scalars[tag][1]).all():
       steps, values = run.scalars[tag]
       notes.append(f'diverged: {tag} not finite at step {int(steps[~np.isfinite(values)][0])}')
       break
-  total = _get(run.config, 'num_train_steps', -1)
-  if total <= 0 and run.steps_per_epoch:
-    total = int(_get(run.config, 'num_epochs', 0) * run.steps_per_epoch)
+  total = _total_steps(run)
   if 0 < done < total:
     notes.append(f'unfinished: {done:,} of {total:,} steps')
   return f'{done:,} / {epochs}', '; '.join(notes)
+
+
+def _train_top1(run):
+  """The paper's "training accuracy": the top-1 over each whole epoch where
+  logged (train_epoch/top1), else over each log interval (older runs)."""
+  epoch = logs.tag(logs.TRAIN_EPOCH, 'top1')
+  return epoch if epoch in run.scalars else logs.tag(logs.TRAIN, 'top1')
 
 
 def _results_table(runs):
@@ -182,11 +208,11 @@ def _results_table(runs):
   rows = [head + ['notes']]
   for run in runs:
     steps_epochs, notes = _progress_cells(run)
-    val = _last(run, 'eval/top1')
+    val = _last(run, logs.tag(logs.EVAL, 'top1'))
     row = [run.name, _get(run.config, 'model.name'), _get(run.config, 'model.norm'),
            _lr_cell(run.config), _clip_cell(run.config), _get(run.config, 'model.dropout_rate'),
            steps_epochs,
-           f'{_fmt(_last(run, "train/top1"), 100)} / {_fmt(_best(run, "train/top1"), 100)}',
+           f'{_fmt(_last(run, _train_top1(run)), 100)} / {_fmt(_best(run, _train_top1(run)), 100)}',
            f'{_fmt(val, 100)} / {_fmt(_best(run, "eval/top1"), 100)}']
     if with_paper:
       paper = run.config.get('paper') or {}
@@ -208,12 +234,12 @@ def _median_after_first(run, tag):
 def _perf_table(runs):
   rows = [['run', 'model', 'norm', 'time / epoch', 'images/s', 'peak memory (GB)']]
   for run in runs:
-    seconds = _median_after_first(run, 'perf/seconds_per_epoch')
+    seconds = _median_after_first(run, logs.SECONDS_PER_EPOCH)
     time_cell = ('—' if seconds is None else
                  f'{seconds / 60:.1f} min' if seconds > 120 else f'{seconds:.1f} s')
     rows.append([run.name, _get(run.config, 'model.name'), _get(run.config, 'model.norm'),
-                 time_cell, _fmt(_median_after_first(run, 'perf/images_per_sec'), digits=0),
-                 _fmt(_best(run, 'perf/peak_memory_gb'))])
+                 time_cell, _fmt(_median_after_first(run, logs.IMAGES_PER_SEC), digits=0),
+                 _fmt(_best(run, logs.PEAK_MEMORY_GB))])
   return _markdown(rows)
 
 
@@ -250,6 +276,25 @@ def _plot(ax, runs, tag, axis, title, ylabel, scale=1.0, log=False, dashed_tag=N
   ax.grid(alpha=0.3)
 
 
+_OTHER_LOG_SHAPE = {'log': 'log_curve', 'log_curve': 'log'}
+
+
+def _other_clip_shape(run, axis):
+  """(x, threshold) at each epoch start and at the end, under the other of
+  the two log shapes (bnfree_jax/optim.py), or None when it has none."""
+  clip = run.config.get('grad_clip') or {}
+  other, total = _OTHER_LOG_SHAPE.get(clip.get('mode')), _total_steps(run)
+  if other is None or not total or not run.steps_per_epoch:
+    return None
+  steps_per_epoch = max(1, round(run.steps_per_epoch))
+  epochs = -(-total // steps_per_epoch)
+  schedule = optim.clip_threshold_schedule(
+      ml_collections.ConfigDict({**clip, 'mode': other}), steps_per_epoch, epochs)
+  starts = np.arange(epochs + 1) * steps_per_epoch
+  x = starts / run.steps_per_epoch if axis == 'epoch' else starts
+  return x, np.asarray(schedule(starts))
+
+
 def _rebin(hist, edges):
   """Counts of one histogram on common edges, each bucket spread evenly."""
   cdf = np.concatenate([[0.0], np.cumsum(hist[:, 2])])
@@ -267,7 +312,7 @@ def _cell_edges(x):
 def _histogram_figure(runs, axis, stage):
   """Paper Fig. 3: log10 |g| of one stage over training, one heatmap per run,
   on a common y range so runs compare."""
-  tag = f'grad_log10_magnitude/{stage}'
+  tag = logs.tag(logs.GRAD_HISTOGRAM, stage)
   ncols = min(len(runs), 2)
   fig, axes = _figure(runs, ncols, math.ceil(len(runs) / ncols))
   fig.suptitle(f'log10 |gradient| of {stage} over training (colour: count)')
@@ -295,54 +340,63 @@ def _histogram_figure(runs, axis, stage):
   return fig
 
 
-def write_figures(runs, out_dir, hist_stage='stage2'):
-  """Writes the PNGs named in _FIGURES into out_dir."""
+def write_figures(runs, out_dir, hist_stage='stage2', hist_layer=HIST_LAYER):
+  """Writes the PNGs named in _FIGURES into out_dir; returns {name: Figure}."""
   # Epochs when every run can convert steps, so all curves share one axis.
   axis = 'epoch' if all(r.steps_per_epoch for r in runs) else 'step'
   figures = {}
 
   fig, (a, b) = _figure(runs, 2)
-  _plot(a, runs, 'train/loss', axis, 'Training loss', 'cross-entropy')
-  _plot(b, runs, 'eval/loss', axis, 'Validation loss', 'cross-entropy')
+  _plot(a, runs, logs.tag(logs.TRAIN, 'loss'), axis, 'Training loss', 'cross-entropy')
+  _plot(b, runs, logs.tag(logs.EVAL, 'loss'), axis, 'Validation loss', 'cross-entropy')
   figures['loss'] = fig
 
   fig, (a, b) = _figure(runs, 2)
-  _plot(a, runs, 'train/top1', axis, 'Training top-1', 'top-1 (%)', scale=100)
-  _plot(b, runs, 'eval/top1', axis, 'Validation top-1', 'top-1 (%)', scale=100)
+  _plot(a, runs, logs.tag(logs.TRAIN, 'top1'), axis, 'Training top-1', 'top-1 (%)', scale=100)
+  _plot(b, runs, logs.tag(logs.EVAL, 'top1'), axis, 'Validation top-1', 'top-1 (%)', scale=100)
   figures['accuracy'] = fig
 
   figures['grad_histograms'] = _histogram_figure(runs, axis, hist_stage)
+  figures['grad_histogram_layer'] = _histogram_figure(runs, axis, hist_layer)
 
   fig, (a, b) = _figure(runs, 2)
-  _plot(a, runs, 'train/learning_rate', axis, 'Learning rate', 'learning rate')
-  _plot(b, runs, 'train/clip_threshold', axis, 'Gradient clipping threshold', 'global norm')
+  clip_tag = logs.tag(logs.TRAIN, 'clip_threshold')
+  _plot(a, runs, logs.tag(logs.TRAIN, 'learning_rate'), axis, 'Learning rate', 'learning rate')
+  _plot(b, runs, clip_tag, axis, 'Gradient clipping threshold (dotted: other log shape)',
+        'global norm')
+  for i, run in enumerate(runs):
+    other = _other_clip_shape(run, axis) if clip_tag in run.scalars else None
+    if other is not None:
+      b.plot(*other, ':', color=_color(i), drawstyle='steps-post')
   figures['schedules'] = fig
 
   fig, (a,) = _figure(runs, 1, height=4.0)
-  _plot(a, runs, 'train/grad_norm', axis, 'Gradient global norm (dashed: clip threshold)',
-        'global norm', log=True, dashed_tag='train/clip_threshold')
+  _plot(a, runs, logs.tag(logs.TRAIN, 'grad_norm'), axis, 'Gradient global norm (dashed: clip threshold)',
+        'global norm', log=True, dashed_tag=logs.tag(logs.TRAIN, 'clip_threshold'))
   figures['grad_norms'] = fig
 
   for name, fig in figures.items():
     fig.savefig(os.path.join(out_dir, f'{name}.png'), dpi=_DPI)
+  return figures
 
 
 # ---------------------------------------------------------------- report ----
 
 
-def write_report(run_dirs, out_dir, hist_stage='stage2'):
+def write_report(run_dirs, out_dir, hist_stage='stage2', hist_layer=HIST_LAYER):
   """Writes out_dir/report.md and its figures; returns the report's path."""
   for run_dir in run_dirs:  # All checked before the slow reading starts.
     _check_run_dir(run_dir)
   runs = [load_run(d) for d in run_dirs]
   os.makedirs(out_dir, exist_ok=True)
-  write_figures(runs, out_dir, hist_stage)
+  write_figures(runs, out_dir, hist_stage, hist_layer)
   lines = [
       '# Training report', '',
       'Runs: ' + ', '.join(f'`{d}`' for d in run_dirs), '',
       '## Top-1 accuracy (%) (paper Tables 1-6)', '',
       _results_table(runs), '',
-      'Final: the last logged value (train top-1 averages the last log interval); '
+      'Final: the last logged value (train top-1 is the average over each whole epoch, '
+      'train_epoch/top1, where the run logged it; else over each log interval); '
       'best: the highest logged. Δ val compares the final validation top-1 with the '
       "paper's, for runs on the paper's dataset (ImageNet) only.",
       '', '## Time and memory (paper Table 7)', '',
@@ -350,7 +404,8 @@ def write_report(run_dirs, out_dir, hist_stage='stage2'):
       'Medians over the logged points after the first, which includes compilation; '
       'memory is the highest logged peak.', '', '## Figures', '']
   for name, caption in _FIGURES.items():
-    lines += [f'### {caption.format(stage=hist_stage)}', '', f'![{name}]({name}.png)', '']
+    lines += [f'### {caption.format(stage=hist_stage, layer=hist_layer)}', '',
+              f'![{name}]({name}.png)', '']
   path = os.path.join(out_dir, 'report.md')
   with open(path, 'w') as f:
     f.write('\n'.join(lines))
@@ -366,11 +421,14 @@ def main(argv=None) -> int:
   parser.add_argument('--out', required=True, metavar='DIR',
                       help='where report.md and the PNGs go (created if missing)')
   parser.add_argument('--hist-stage', default='stage2',
-                      help='stage of the gradient-magnitude heatmaps (stem, stage1..4, head); '
-                           "stage2 is roughly the paper's ninth layer")
+                      help='stage of the per-stage gradient-magnitude heatmaps (stem, '
+                           'stage1..4, head)')
+  parser.add_argument('--hist-layer', default=HIST_LAYER,
+                      help='layer of the one-layer heatmaps, as logged (config.histogram_layer, '
+                           "'/' written '.'); the default is ResNet-18's ninth, the paper's Fig. 3")
   args = parser.parse_args(argv)
   try:
-    path = write_report(args.run_dirs, args.out, args.hist_stage)
+    path = write_report(args.run_dirs, args.out, args.hist_stage, args.hist_layer)
   except ReportError as e:
     print(f'{parser.prog}: error: {e}', file=sys.stderr)
     return 2

@@ -12,6 +12,12 @@ from jax.experimental import multihost_utils
 
 # How long the processes of a run wait for the slowest of them to start.
 _BARRIER_TIMEOUT_MS = 30 * 60 * 1000
+# XLA:CPU aborts the process when one CPU device reaches an all-reduce more
+# than 40 s (its default) after another. On a loaded host one device's thread
+# can be descheduled that long (seen: a Fashion-MNIST run at load average 7
+# died with SIGABRT in its last eval), so the devices wait as long as the
+# processes do.
+PATIENT_CPU_COLLECTIVES = '--xla_cpu_collective_call_terminate_timeout_seconds=1800'
 
 
 def launched_by_cluster() -> bool:
@@ -28,6 +34,10 @@ def initialize_distributed(coordinator_address=None, num_processes=None,
   returns whether it did. Raises ValueError for a partial set of arguments."""
   # CPU processes talk through gloo; GPUs use NCCL regardless of this setting.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  # JAX's preemption service would install its own SIGTERM handler over
+  # StopSignals' and swallow the signal (it only logs it): a preempted
+  # multi-process run would train on, unsaved, until killed.
+  jax.config.update('jax_enable_preemption_service', False)
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
@@ -51,6 +61,7 @@ def use_cpu_cores(*batch_sizes: int) -> int:
   cores: 9-18% less time per step, results/bench/). GPU and TPU hosts keep
   their accelerators as jax.devices(), so it changes nothing there.
   """
+  patient_cpu_collectives()
   if 'JAX_NUM_CPU_DEVICES' in os.environ:
     return int(os.environ['JAX_NUM_CPU_DEVICES'])
   cores = len(os.sched_getaffinity(0))
@@ -58,6 +69,14 @@ def use_cpu_cores(*batch_sizes: int) -> int:
   n = max(d for d in range(1, cores + 1) if all(b % d == 0 for b in sizes))
   jax.config.update('jax_num_cpu_devices', n)
   return n
+
+
+def patient_cpu_collectives():
+  """Adds PATIENT_CPU_COLLECTIVES to XLA_FLAGS unless the flag is set; call
+  before JAX starts its backends (XLA reads its flags once)."""
+  flags = os.environ.get('XLA_FLAGS', '')
+  if PATIENT_CPU_COLLECTIVES.split('=')[0] not in flags:
+    os.environ['XLA_FLAGS'] = f'{flags} {PATIENT_CPU_COLLECTIVES}'.strip()
 
 
 class StopSignals:

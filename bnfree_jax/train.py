@@ -10,11 +10,8 @@ no explicit pmean.
 import contextlib
 import dataclasses
 import functools
-import json
 import logging
 import os
-import resource
-import signal
 import time
 from typing import Any
 
@@ -22,14 +19,14 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
-from clu import metric_writers, periodic_actions
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bnfree_jax import checkpointing, input_pipeline, metrics, models, optim, runtime, workdir as workdirs
-from bnfree_jax.workdir import InputError
+from bnfree_jax import (checkpointing, input_pipeline, logs, metrics, models, optim, runtime,
+                        workdir as workdirs)
+from bnfree_jax.workdir import InputError, check
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+BN_STATS = ('global', 'per_device')
 
 
 class NonFiniteError(RuntimeError):
@@ -41,11 +38,17 @@ class Preempted(RuntimeError):
 
 
 class TrainState(flax.struct.PyTreeNode):
+  """Everything a run needs to go on exactly, checkpointed whole: the metric
+  accumulators too, so a run stopped between two log steps logs, once
+  resumed, what it would have logged uninterrupted."""
   step: jax.Array
   params: Any
   batch_stats: Any
   opt_state: Any
   skipped: jax.Array  # Steps left out because they were not finite.
+  ema: Any            # {'params', 'batch_stats'} averaged; {} with ema_decay=0.
+  train_metrics: metrics.TrainMetrics  # Since the last log step.
+  epoch_metrics: metrics.EpochMetrics  # Since the epoch began.
 
 
 # ---------------------------------------------------------------- setup ----
@@ -59,14 +62,10 @@ class Setup:
   model: Any
   optimizer: optim.Optimizer
   mesh: jax.sharding.Mesh
-  steps_per_epoch: int
+  steps_per_epoch: int   # Full global batches per pass over the training split.
   total_steps: int
   eval_every_steps: int
-
-
-def _check(ok, message):
-  if not ok:
-    raise InputError(message)
+  eval_batch_size: int
 
 
 def setup(config, devices=None) -> Setup:
@@ -77,17 +76,22 @@ def setup(config, devices=None) -> Setup:
   """
   for key in ('batch_size', 'log_every_steps', 'checkpoint_every_steps',
               'keep_checkpoints', 'histogram_every_steps'):
-    _check(isinstance(config[key], int) and config[key] > 0,
+    check(isinstance(config[key], int) and config[key] > 0,
            f'{key}={config[key]!r} must be an integer > 0')
-  _check(config.num_train_steps > 0 or config.num_epochs > 0,
+  check(config.num_train_steps > 0 or config.num_epochs > 0,
          f'num_epochs={config.num_epochs!r} must be > 0 when num_train_steps is -1')
-  _check(config.eval_every_steps > 0 or config.eval_every_steps == -1,
+  check(config.eval_every_steps > 0 or config.eval_every_steps == -1,
          f'eval_every_steps={config.eval_every_steps!r} must be > 0, or -1 for once per epoch')
-  _check(config.on_nonfinite in ('stop', 'skip'),
+  check(config.on_nonfinite in ('stop', 'skip'),
          f"on_nonfinite={config.on_nonfinite!r} is not one of: stop, skip")
-  _check(not config.model.wn_data_init or config.model.norm == 'weight',
+  check(not config.model.wn_data_init or config.model.norm == 'weight',
          f"model.wn_data_init=True needs model.norm='weight', not {config.model.norm!r}")
-  _check(config.compute_dtype in COMPUTE_DTYPES,
+  check(0 <= config.label_smoothing < 1,
+        f'label_smoothing={config.label_smoothing!r} must be in [0, 1)')
+  check(0 <= config.ema_decay < 1, f'ema_decay={config.ema_decay!r} must be in [0, 1) (0: off)')
+  check(not config.init_from or os.path.isdir(config.init_from),
+        f'init_from={config.init_from!r} is not a directory (a workdir or WORKDIR/checkpoints/STEP)')
+  check(config.compute_dtype in COMPUTE_DTYPES,
          f"compute_dtype={config.compute_dtype!r} is not one of: {', '.join(COMPUTE_DTYPES)}")
 
   devices = devices or jax.devices()  # All devices of all processes.
@@ -96,25 +100,47 @@ def setup(config, devices=None) -> Setup:
   num_devices = mesh.devices.size
   eval_batch_size = config.eval_batch_size if config.eval_batch_size > 0 else config.batch_size
   for key, size in (('batch_size', config.batch_size), ('eval_batch_size', eval_batch_size)):
-    _check(size % num_devices == 0,
-           f'{key}={size} is not divisible by the {num_devices} devices')
+    check(size % num_devices == 0,
+          f'{key}={size} is not divisible by the {num_devices} devices')
 
   info = input_pipeline.dataset_info(config)
   steps_per_epoch = info.num_train // config.batch_size
-  _check(steps_per_epoch > 0, f'batch_size={config.batch_size} exceeds the '
-         f'{info.num_train} training examples of {info.name}')
+  check(steps_per_epoch > 0, f'batch_size={config.batch_size} exceeds the '
+        f'{info.num_train} training examples of {info.name}')
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else int(config.num_epochs * steps_per_epoch))
+  check(config.model.bn_stats in BN_STATS,
+        f"model.bn_stats={config.model.bn_stats!r} is not one of: {', '.join(BN_STATS)}")
+  # Only settings that differ from the default reach the model, so that a
+  # family without them (NF-ResNets) refuses them by name.
+  extra = {}
+  if config.model.drop_path_rate:
+    extra['drop_path_rate'] = config.model.drop_path_rate
+  if config.model.head_dropout_rate >= 0:
+    extra['head_dropout_rate'] = config.model.head_dropout_rate
+  if config.model.bn_stats == 'per_device':
+    check(config.model.norm == 'batch',
+          f"model.bn_stats='per_device' needs model.norm='batch', not {config.model.norm!r}")
+    extra['bn_groups'] = num_devices
   model = models.create_model(
       config.model.name, num_classes=info.num_classes, norm=config.model.norm,
       width=config.model.width, dropout_rate=config.model.dropout_rate,
       stem=config.model.stem, remat=config.remat,
-      dtype=COMPUTE_DTYPES[config.compute_dtype])
+      dtype=COMPUTE_DTYPES[config.compute_dtype], **extra)
   optimizer = optim.create_optimizer(config, steps_per_epoch, total_steps,
                                      models.weight_decay_mask)
+  if config.histogram_layer:
+    # Key and image made inside eval_shape: created eagerly, they would be
+    # computations compiled and run before the config is fully checked.
+    params = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((1, *info.image_shape)), train=False))['params']
+    layers = metrics.layer_names(params)
+    check(config.histogram_layer in layers,
+          f'histogram_layer={config.histogram_layer!r} is not a layer of {config.model.name}; '
+          f"e.g. {', '.join(layers[:3])}, ... ('' for none)")
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
   return Setup(config, info, model, optimizer, mesh, steps_per_epoch,
-               total_steps, eval_every)
+               total_steps, eval_every, eval_batch_size)
 
 
 # ---------------------------------------------------------------- steps ----
@@ -135,19 +161,25 @@ def init_state(s: Setup, batch=None) -> TrainState:
     variables = s.model.init({'params': key, 'dropout': key}, image, train=False)
     if batch is not None:
       variables = models.data_dependent_init(s.model, variables, batch['image'])
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables['params'],
-                      batch_stats=variables.get('batch_stats', {}),
-                      opt_state=s.optimizer.tx.init(variables['params']),
-                      skipped=jnp.zeros((), jnp.int32))
+    return new_state(s, variables['params'], variables.get('batch_stats', {}))
   return init(batch)
 
 
-def _loss_and_grads(model, state, batch, dropout_key):
+def new_state(s: Setup, params, batch_stats) -> TrainState:
+  """The state at step 0 of a run starting from these variables."""
+  ema = {'params': params, 'batch_stats': batch_stats} if s.config.ema_decay > 0 else {}
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=batch_stats,
+                    opt_state=s.optimizer.tx.init(params), skipped=jnp.zeros((), jnp.int32),
+                    ema=ema, train_metrics=metrics.TrainMetrics.empty(),
+                    epoch_metrics=metrics.EpochMetrics.empty())
+
+
+def _loss_and_grads(model, state, batch, dropout_key, label_smoothing):
   def loss_fn(params):
     logits, updated = model.apply(
         {'params': params, 'batch_stats': state.batch_stats}, batch['image'],
         train=True, rngs={'dropout': dropout_key}, mutable=['batch_stats'])
-    per_example = metrics.per_example(logits, batch['label'])
+    per_example = metrics.per_example(logits, batch['label'], label_smoothing)
     return per_example['loss'].mean(), (per_example, updated.get('batch_stats', {}))
   return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
@@ -157,31 +189,76 @@ def _dropout_key(config, step):
 
 
 def train_step(state: TrainState, batch, *, s: Setup):
-  """One SGD step on a global batch: (state, batch) -> (state, metrics, finite)."""
+  """One SGD step on a global batch: (state, batch) -> (state, finite). The
+  step's metrics are merged into the state's accumulators."""
   (_, (per_example, batch_stats)), grads = _loss_and_grads(
-      s.model, state, batch, _dropout_key(s.config, state.step))
+      s.model, state, batch, _dropout_key(s.config, state.step), s.config.label_smoothing)
   grad_norm = optax.tree.norm(grads)  # Before clipping.
   updates, opt_state = s.optimizer.tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(per_example['loss']).all() & jnp.isfinite(grad_norm)
-  new = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
   # A non-finite update is never applied, whatever config.on_nonfinite says:
   # 'skip' goes on without it and 'stop' ends the run holding the last finite
   # state. Both modes thus share one compiled program.
-  new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-  new = new.replace(step=state.step + 1, skipped=state.skipped + (~finite).astype(jnp.int32))
+  keep = lambda n, o: jnp.where(finite, n, o)
+  new = state.replace(
+      step=state.step + 1, params=jax.tree.map(keep, params, state.params),
+      batch_stats=jax.tree.map(keep, batch_stats, state.batch_stats),
+      opt_state=_skip_update_keep_counts(finite, opt_state, state.opt_state),
+      skipped=state.skipped + (~finite).astype(jnp.int32))
+  new = new.replace(ema=_ema_update(s.config, state.step, state.ema,
+                                    {'params': new.params, 'batch_stats': new.batch_stats}))
 
   threshold = (s.optimizer.clip_threshold(state.step)
                if s.optimizer.clip_threshold else jnp.inf)
   step_metrics = metrics.TrainMetrics.single_from_model_output(
       **per_example, grad_norm=grad_norm, clipped=(grad_norm > threshold).astype(jnp.float32),
-      learning_rate=s.optimizer.learning_rate(state.step), clip_threshold=threshold,
-      param_norm=optax.tree.norm(new.params), skipped_steps=new.skipped, finite=finite)
-  return new, step_metrics, finite
+      learning_rate=s.optimizer.learning_rate(state.step),
+      clip_threshold=jnp.asarray(threshold, jnp.float32),
+      param_norm=optax.tree.norm(new.params), skipped_steps=new.skipped.astype(jnp.float32),
+      finite=finite)
+  epoch_metrics = metrics.EpochMetrics.single_from_model_output(**per_example, finite=finite)
+  return new.replace(
+      train_metrics=_accumulate(state.train_metrics, step_metrics,
+                                fresh=state.step % s.config.log_every_steps == 0),
+      epoch_metrics=_accumulate(state.epoch_metrics, epoch_metrics,
+                                fresh=state.step % s.steps_per_epoch == 0)), finite
+
+
+def _accumulate(total, step_metrics, fresh):
+  """total merged with this step's metrics, or these alone when the step
+  begins a log interval or an epoch: the loop logs the totals after the
+  interval's last step and the next step starts anew, whether or not the run
+  was stopped and resumed in between."""
+  return jax.tree.map(lambda m, n: jnp.where(fresh, n, m), total.merge(step_metrics),
+                      step_metrics)
+
+
+def _ema_update(config, step, ema, new):
+  """ema <- d * ema + (1 - d) * new, with d = ema_decay, or during the
+  warm-up min(ema_decay, (1 + step) / (10 + step)) so that the first steps'
+  random weights fade fast. After a skipped step new is the old state, so
+  the average moves towards values it already holds."""
+  if not ema:
+    return ema
+  decay = jnp.asarray(config.ema_decay, jnp.float32)
+  if config.ema_warmup:
+    decay = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+  return jax.tree.map(lambda e, n: (decay * e + (1 - decay) * n).astype(e.dtype), ema, new)
+
+
+def _skip_update_keep_counts(finite, new, old):
+  """The new optimizer state where the step was finite; else the old one
+  (momentum untouched) except optax's update counters, which advance, so the
+  LR and clip threshold stay functions of state.step on skipped steps too."""
+  def pick(path, n, o):
+    is_count = path and getattr(path[-1], 'name', None) == 'count'
+    return n if is_count else jnp.where(finite, n, o)
+  return jax.tree.map_with_path(pick, new, old)
 
 
 def jit_train_step(s: Setup):
-  """The compiled train step the loop runs (and bench.py measures). The state
+  """The compiled train step the loop runs (and the bench measures). The state
   is donated, so its buffers are reused for the new state."""
   replicated, data = NamedSharding(s.mesh, P()), NamedSharding(s.mesh, P('data'))
   return jax.jit(functools.partial(train_step, s=s), donate_argnums=0,
@@ -189,15 +266,19 @@ def jit_train_step(s: Setup):
 
 
 def gradient_summaries(state: TrainState, batch, *, s: Setup):
-  """Per-layer gradient norms and per-stage log-magnitude samples of the
-  gradient the train step at this state and batch will take."""
-  _, grads = _loss_and_grads(s.model, state, batch, _dropout_key(s.config, state.step))
-  return metrics.layer_grad_norms(grads), metrics.grad_magnitude_samples(grads)
+  """Per-layer gradient norms and per-stage (and config.histogram_layer's)
+  log-magnitude samples of the gradient the train step at this state and
+  batch will take."""
+  _, grads = _loss_and_grads(s.model, state, batch, _dropout_key(s.config, state.step),
+                             s.config.label_smoothing)
+  return (metrics.layer_grad_norms(grads),
+          metrics.grad_magnitude_samples(grads, s.config.histogram_layer))
 
 
-def eval_step(state: TrainState, batch, *, s: Setup):
-  logits = s.model.apply({'params': state.params, 'batch_stats': state.batch_stats},
-                         batch['image'], train=False)
+def eval_step(variables, batch, *, s: Setup):
+  """Metrics of the model with `variables` ({'params', 'batch_stats'}) on a
+  padded eval batch; the padding counts for nothing."""
+  logits = s.model.apply(variables, batch['image'], train=False)
   return metrics.EvalMetrics.single_from_model_output(
       **metrics.per_example(logits, batch['label']), mask=batch['mask'])
 
@@ -205,175 +286,254 @@ def eval_step(state: TrainState, batch, *, s: Setup):
 # ----------------------------------------------------------------- loop ----
 
 
+
+
+# ----------------------------------------------------------------- loop ----
+
+
+def train_and_evaluate(run, workdir: str, devices=None,
+                       stop: runtime.StopSignals | None = None) -> dict:
+  """Trains (or, with config.eval_only, evaluates) the run in workdir,
+  resuming from its newest readable checkpoint. Returns the last eval metrics.
+
+  run: a config, or the Setup that setup(config) made of it (main.py passes
+  its own, so the config is checked once). devices: the mesh's devices
+  (default all of all processes); used with a config only.
+  stop: the flag of a caller that took SIGTERM/SIGINT over earlier (main.py,
+  from its start); by default this call takes them over itself.
+
+  Raises InputError for a bad config, data or workdir; NonFiniteError when
+  on_nonfinite='stop' meets a non-finite step; Preempted after SIGTERM/SIGINT,
+  once a checkpoint of the current step is saved. A signal while the state is
+  restored or the programs compile ends the run at the first step boundary.
+  """
+  s = run if isinstance(run, Setup) else setup(run, devices)
+  with runtime.StopSignals() if stop is None else contextlib.nullcontext(stop) as stop:
+    return _train_and_evaluate(s, workdir, stop)
+
+
+def evaluate(s: Setup, variables, eval_fn, prefix: str = logs.EVAL) -> dict:
+  """Loss, top-1 and top-5 of the model with `variables` over the whole eval
+  split, each example once."""
+  data = NamedSharding(s.mesh, P('data'))
+  total = None
+  for local in input_pipeline.eval_batches(
+      s.config, local_batch_size=s.eval_batch_size // jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count()):
+    batch_metrics = eval_fn(variables, runtime.global_array(data, local))
+    total = batch_metrics if total is None else total.merge(batch_metrics)
+    # One batch in flight: with every batch queued at once (the numpy input
+    # is instant), CPU devices of one process deadlocked in the eval's
+    # all-reduce, one device's queue full of launches waiting on the other.
+    jax.block_until_ready(total)
+  return {logs.tag(prefix, k): float(v) for k, v in total.compute().items()}
+
+
+def _evaluate_and_log(s: Setup, state, eval_fn, writer, step: int) -> dict:
+  """Evaluates the parameters, and their moving average where kept."""
+  t0 = time.perf_counter()
+  runs = [(logs.EVAL, {'params': state.params, 'batch_stats': state.batch_stats})]
+  if state.ema:
+    runs.append((logs.EVAL_EMA, state.ema))
+  results = {}
+  for prefix, variables in runs:
+    values = evaluate(s, variables, eval_fn, prefix)
+    _log('step %d  %s loss %.4f  top1 %.2f%%  top5 %.2f%%', step, prefix,
+         *(values[logs.tag(prefix, k)] * (1 if k == 'loss' else 100)
+           for k in ('loss', 'top1', 'top5')))
+    results.update(values)
+  writer.write_scalars(step, {**results, logs.EVAL_SECONDS: time.perf_counter() - t0})
+  return results
+
+
+def _log_train(s: Setup, writer, step: int, state, train_seconds: float, steps: int):
+  """Writes and prints the averages of the last `steps` steps, which took
+  train_seconds (evaluations excluded)."""
+  values = {logs.tag(logs.TRAIN, k): float(v)
+            for k, v in state.train_metrics.compute().items()}
+  if s.optimizer.clip_threshold is None:
+    del values['train/clip_threshold'], values['train/clipped_fraction']
+  images_per_sec = steps * s.config.batch_size / train_seconds
+  values.update({logs.EPOCH: step / s.steps_per_epoch,
+                 logs.STEPS_PER_SEC: steps / train_seconds,
+                 logs.IMAGES_PER_SEC: images_per_sec,
+                 logs.SECONDS_PER_EPOCH: s.steps_per_epoch * train_seconds / steps,
+                 logs.PEAK_MEMORY_GB: runtime.peak_memory_gb()})
+  writer.write_scalars(step, values)
+  _log('step %d/%d  epoch %.2f  loss %.4f  top1 %.2f%%  %.1f img/s  ETA %s',
+       step, s.total_steps, values[logs.EPOCH], values['train/loss'],
+       100 * values['train/top1'], images_per_sec,
+       logs.format_duration((s.total_steps - step) * train_seconds / steps))
+
+
+def _log_epoch(writer, step: int, state):
+  """Writes the averages over the epoch that ends at `step`."""
+  writer.write_scalars(step, {logs.tag(logs.TRAIN_EPOCH, k): float(v)
+                              for k, v in state.epoch_metrics.compute().items()})
+
+
+def _log(message, *args):
+  if jax.process_index() == 0:
+    logging.info(message, *args)
+
+
+def _ensure_finite(step: int, finite, last_saved: int | None, directory):
+  """Raises NonFiniteError if the step `step` was not finite."""
+  if not bool(finite):
+    where = (f'step {last_saved} in {directory}' if last_saved is not None
+             else 'none (no checkpoint was written yet)')
+    raise NonFiniteError(
+        f'loss or gradient is not finite at step {step}; last good checkpoint: '
+        f'{where}. Lower lr_schedule.base_lr, enable grad_clip, or set '
+        "on_nonfinite='skip'.")
+
+
 @contextlib.contextmanager
 def _completing(mngr, writer):
-  """However the loop ends, the checkpoint save in flight completes and the
+  """However the run ends, the checkpoint save in flight completes and the
   metrics reach disk: an error message naming that checkpoint is true, and
   a rerun resumes from it."""
   try:
     yield
   finally:
     mngr.wait_until_finished()
-    writer.flush()
+    writer.close()
 
 
-def _writer(workdir):
-  if jax.process_index() > 0:
-    return metric_writers.MultiWriter([])
-  return metric_writers.AsyncWriter(metric_writers.SummaryWriter(workdir))
-
-
-def _format_duration(seconds):
-  seconds = int(seconds)
-  return f'{seconds // 3600}h{seconds % 3600 // 60:02d}m{seconds % 60:02d}s'
-
-
-def evaluate(s: Setup, state, eval_fn):
-  """Loss, top-1 and top-5 over the whole eval split, each example once."""
-  data = NamedSharding(s.mesh, P('data'))
-  eval_batch_size = s.config.eval_batch_size if s.config.eval_batch_size > 0 else s.config.batch_size
-  total = None
-  for local in input_pipeline.eval_batches(
-      s.config, local_batch_size=eval_batch_size // jax.process_count(),
-      process_index=jax.process_index(), process_count=jax.process_count()):
-    batch_metrics = eval_fn(state, runtime.global_array(data, local))
-    total = batch_metrics if total is None else total.merge(batch_metrics)
-  return {f'eval/{k}': float(v) for k, v in total.compute().items()}
-
-
-def train_and_evaluate(config, workdir: str, devices=None,
-                       stop: runtime.StopSignals | None = None) -> dict:
-  """Trains (or, with config.eval_only, evaluates) the run in workdir,
-  resuming from its newest readable checkpoint. Returns the last eval metrics.
-
-  Raises InputError for a bad config, data or workdir; NonFiniteError when
-  on_nonfinite='stop' meets a non-finite step; Preempted after SIGTERM/SIGINT,
-  once a checkpoint of the current step is saved. A signal while the state is
-  restored or the programs compile ends the run at the first step boundary.
-  stop: the flag of a caller that took the signals over earlier (main.py, from
-  its start); by default this call takes them over itself.
-  """
-  with runtime.StopSignals() if stop is None else contextlib.nullcontext(stop) as stop:
-    return _train_and_evaluate(config, workdir, devices, stop)
-
-
-def _train_and_evaluate(config, workdir, devices, stop: runtime.StopSignals) -> dict:
-  s = setup(config, devices)
+def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> dict:
+  config = s.config
   workdirs.prepare_workdir(config, workdir)
   replicated, data = NamedSharding(s.mesh, P()), NamedSharding(s.mesh, P('data'))
-  local_batch_size = config.batch_size // jax.process_count()
-  train_batches = functools.partial(
-      input_pipeline.train_batches, config, local_batch_size=local_batch_size,
-      process_index=jax.process_index(), process_count=jax.process_count())
-
   train_fn = jit_train_step(s)
   eval_fn = jax.jit(functools.partial(eval_step, s=s), out_shardings=replicated)
   summaries_fn = jax.jit(functools.partial(gradient_summaries, s=s),
                          out_shardings=replicated)
+  train_batches = functools.partial(
+      input_pipeline.train_batches, config, steps_per_epoch=s.steps_per_epoch,
+      local_batch_size=config.batch_size // jax.process_count(),
+      process_index=jax.process_index(), process_count=jax.process_count())
 
-  # State: the newest readable checkpoint, else a fresh initialization. The
-  # manager's start is the first collective of the run.
+  # ----- State: the newest readable checkpoint, else a fresh initialization.
+  # The manager's start is the first collective of the run.
   runtime.wait_for_all_processes('start')
-  mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints, every_steps=1)
-  abstract = jax.eval_shape(lambda: init_state(s))
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                          abstract)
+  mngr = checkpointing.manager(workdir, keep=config.keep_checkpoints)
+  abstract = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+      jax.eval_shape(lambda: init_state(s)))
   try:
     state = checkpointing.restore_latest(mngr, abstract)
   except checkpointing.NoReadableCheckpointError as e:
     raise InputError(str(e)) from e
   if state is None and config.eval_only:
     raise InputError(f'workdir {workdir} has no checkpoint to evaluate')
-  writer = _writer(workdir)
-  log = logging.info if jax.process_index() == 0 else logging.debug
-
-  if state is not None and (config.eval_only or int(state.step) >= s.total_steps):
-    step = int(state.step)
-    results = evaluate(s, state, eval_fn)
-    writer.write_scalars(step, results)
-    writer.flush()
-    log('step %d: %s', step, ' '.join(f'{k}={v:.4f}' for k, v in results.items()))
-    return results
+  writer = logs.Writer(workdir, enabled=jax.process_index() == 0)
 
   with _completing(mngr, writer):
+    if state is not None and (config.eval_only or int(state.step) >= s.total_steps):
+      return _evaluate_and_log(s, state, eval_fn, writer, int(state.step))
     if state is None:
       first = (runtime.global_array(data, next(train_batches(start_step=0)))
                if config.model.wn_data_init else None)
       state = init_state(s, first)
+      if config.init_from:
+        state = _start_from(s, state, config.init_from)
+    elif config.init_from:
+      _log('init_from=%s ignored: the run resumes from its own checkpoint.', config.init_from)
     start = int(state.step)
-    log('Training %s (norm=%s) on %s: steps %d..%d of %d, %d steps/epoch, '
-        'global batch %d over %d devices.', config.model.name, config.model.norm,
-        s.info.name, start, s.total_steps, s.total_steps, s.steps_per_epoch,
-        config.batch_size, s.mesh.devices.size)
-    report_progress = periodic_actions.ReportProgress(
-        num_train_steps=s.total_steps, writer=writer, every_steps=config.log_every_steps)
-    last_saved = mngr.latest_step()
-    results, pending, train_metrics = {}, None, None
-    t0, last_log_step = time.time(), start
+    _log('Training %s (norm=%s) on %s: steps %d..%d of %d, %d steps/epoch, '
+         'global batch %d over %d devices.', config.model.name, config.model.norm,
+         s.info.name, start, s.total_steps, s.total_steps, s.steps_per_epoch,
+         config.batch_size, s.mesh.devices.size)
+    if s.optimizer.warmup_steps >= s.total_steps:
+      _log('The LR warm-up (%d steps) outlasts the run: the LR rises for all of it.',
+           s.optimizer.warmup_steps)
 
-    def ensure_finite(step, finite):
-      if not bool(finite):
-        where = (f'step {last_saved} in {mngr.directory}' if last_saved is not None
-                 else 'none (no checkpoint was written yet)')
-        raise NonFiniteError(
-            f'loss or gradient is not finite at step {step}; last good checkpoint: '
-            f'{where}. Lower lr_schedule.base_lr, enable grad_clip, or set '
-            "on_nonfinite='skip'.")
-
+    # ----- Loop. With on_nonfinite='stop', nothing is logged or saved past a
+    # non-finite step; its flag is read one step late (except before any of
+    # those) to keep one step in flight on the device.
+    check_finite = config.on_nonfinite == 'stop'
+    results, previous = {}, None
+    last_saved, interval_start, interval_t0 = mngr.latest_step(), start, time.perf_counter()
     batches = train_batches(start_step=start)
     for step in range(start, s.total_steps):
       batch = runtime.global_array(data, next(batches))
       if step % config.histogram_every_steps == 0:
         norms, samples = summaries_fn(state, batch)
-        writer.write_scalars(step, {f'grad_norm/{k}': v for k, v in norms.items()})
-        writer.write_histograms(step, {f'grad_log10_magnitude/{k}': v
+        writer.write_scalars(step, {logs.tag(logs.LAYER_GRAD_NORM, k): v
+                                    for k, v in norms.items()})
+        writer.write_histograms(step, {logs.tag(logs.GRAD_HISTOGRAM, k): v
                                        for k, v in samples.items()})
-      state, step_metrics, finite = train_fn(state, batch)
-      done = step + 1
-      train_metrics = (step_metrics if train_metrics is None
-                       else train_metrics.merge(step_metrics))
-      # Checking the previous step's flag keeps one step in flight on device.
-      if config.on_nonfinite == 'stop':
-        if pending is not None:
-          ensure_finite(*pending)
-        pending = (step, finite)
+      state, finite = train_fn(state, batch)
+      if previous is not None:
+        # Waiting for the previous step keeps one step in flight: a bounded
+        # queue per device (see evaluate), whatever on_nonfinite says.
+        jax.block_until_ready(previous[1])
+        if check_finite:
+          _ensure_finite(*previous, last_saved, mngr.directory)
+      previous = (step, finite)
 
+      done = step + 1
       last = done == s.total_steps
-      boundary = (done % config.log_every_steps == 0, done % s.eval_every_steps == 0,
-                  done % config.checkpoint_every_steps == 0)
-      # Nothing is logged or saved past a non-finite step.
-      if config.on_nonfinite == 'stop' and (any(boundary) or last):
-        ensure_finite(*pending)
-      report_progress(done)
-      if boundary[0] or last:
-        values = {f'train/{k}': float(v) for k, v in train_metrics.compute().items()}
-        if s.optimizer.clip_threshold is None:
-          del values['train/clip_threshold'], values['train/clipped_fraction']
-        dt, n = time.time() - t0, done - last_log_step
-        images_per_sec = n * config.batch_size / dt
-        values.update({'train/epoch': done / s.steps_per_epoch,
-                       'perf/images_per_sec': images_per_sec,
-                       'perf/seconds_per_epoch': s.steps_per_epoch * dt / n,
-                       'perf/peak_memory_gb': runtime.peak_memory_gb()})
-        writer.write_scalars(done, values)
-        log('step %d/%d  epoch %.2f  loss %.4f  top1 %.2f%%  %.1f img/s  ETA %s',
-            done, s.total_steps, values['train/epoch'], values['train/loss'],
-            100 * values['train/top1'], images_per_sec,
-            _format_duration((s.total_steps - done) * dt / n))
-        train_metrics, t0, last_log_step = None, time.time(), done
-      if boundary[1] or last:
-        results = evaluate(s, state, eval_fn)
-        writer.write_scalars(done, results)
-        log('step %d  eval loss %.4f  top1 %.2f%%  top5 %.2f%%', done,
-            results['eval/loss'], 100 * results['eval/top1'], 100 * results['eval/top5'])
+      log_now = done % config.log_every_steps == 0 or last
+      epoch_done = done % s.steps_per_epoch == 0
+      eval_now = done % s.eval_every_steps == 0 or last
+      if check_finite and (log_now or epoch_done or eval_now):
+        _ensure_finite(step, finite, last_saved, mngr.directory)
+      if log_now:
+        _log_train(s, writer, done, state, time.perf_counter() - interval_t0,
+                   done - interval_start)
+        interval_start, interval_t0 = done, time.perf_counter()
+      if epoch_done:
+        _log_epoch(writer, done, state)
+      if eval_now:
+        t0 = time.perf_counter()
+        results = _evaluate_and_log(s, state, eval_fn, writer, done)
+        interval_t0 += time.perf_counter() - t0  # Rates and ETA count training only.
       # Asked after the eval, so a signal during it saves this very step.
       preempted = stop.requested()
-      if preempted and config.on_nonfinite == 'stop':
-        ensure_finite(*pending)
-      if boundary[2] or last or preempted:
-        checkpointing.save(mngr, done, state, force=True)
+      save_now = done % config.checkpoint_every_steps == 0 or last or preempted
+      if save_now:
+        if check_finite:
+          _ensure_finite(step, finite, last_saved, mngr.directory)
+        checkpointing.save(mngr, done, state)
         last_saved = done
       if preempted and not last:  # After the last step there is nothing to resume.
         raise Preempted(f'{stop.received or "a stop signal"} received: saved a '
                         f'checkpoint at step {done} in {mngr.directory}')
   return results
+
+
+def _start_from(s: Setup, state: TrainState, source: str) -> TrainState:
+  """A fresh state whose parameters and BN statistics come from the newest
+  checkpoint of workdir `source` (or checkpoint directory source/STEP),
+  except a head whose class count differs, which keeps its fresh values."""
+  try:
+    step, saved = checkpointing.read_variables(source)
+  except ValueError as e:
+    raise InputError(f'init_from: {e}') from e
+  loaded, new, variables = [], [], {}
+  for collection in ('params', 'batch_stats'):
+    fresh = flax.traverse_util.flatten_dict(getattr(state, collection), sep='/')
+    given = flax.traverse_util.flatten_dict(saved.get(collection, {}), sep='/')
+    extra = sorted(set(given) - set(fresh))
+    if extra:
+      raise InputError(f'init_from={source}: {collection} {extra[0]} {given[extra[0]].shape} is '
+                       f'not in {s.config.model.name} (norm={s.config.model.norm}): another model')
+    out = {}
+    for path, value in fresh.items():
+      if path in given and given[path].shape == value.shape:
+        out[path] = given[path].astype(value.dtype)
+        loaded.append(path)
+      elif path.startswith('head/'):
+        out[path] = value  # Another class count: the head starts afresh.
+        new.append(f'{path} {value.shape}' + (f' (was {given[path].shape})' if path in given else ''))
+      else:
+        was = given[path].shape if path in given else 'missing'
+        raise InputError(f'init_from={source}: {collection} {path} is {was}, '
+                         f'{s.config.model.name} needs {value.shape}: another model')
+    variables[collection] = flax.traverse_util.unflatten_dict(out, sep='/')
+  _log('init_from %s (step %d): %d arrays loaded; new: %s', source, step, len(loaded),
+       ', '.join(new) or 'none')
+  replicated = NamedSharding(s.mesh, P())
+  return jax.jit(functools.partial(new_state, s), out_shardings=replicated)(
+      variables['params'], variables['batch_stats'])

@@ -20,6 +20,9 @@ def get_config():
   c.batch_size = 256        # Global, over all devices of all processes.
   c.eval_batch_size = -1    # -1 -> batch_size.
   c.shuffle_buffer = 16_384
+  # > 0: train on the first this many training examples as stored (datasets
+  # held in memory only); -1: all. Epochs, and so the schedules, follow it.
+  c.train_subset = -1
   c.synthetic = ml_collections.ConfigDict(dict(
       image_size=32, channels=3, num_classes=10, num_train=1024, num_eval=256))
 
@@ -28,18 +31,28 @@ def get_config():
   c.num_train_steps = -1
 
   c.model = ml_collections.ConfigDict(dict(
-      name='resnet18',      # resnet18|34|50|101|152
-      norm='batch',         # batch | weight | none
+      name='resnet18',      # resnet18|34|50|101|152, nf_resnet18|26|34|50|101
+      norm='batch',         # batch | weight | none; nf_*: scaled_ws (their only one)
       width=64,
       dropout_rate=0.0,
+      # Dropout before the classifier (resnet*); -1 -> dropout_rate, as in the blocks.
+      head_dropout_rate=-1.0,
+      drop_path_rate=0.0,   # nf_* only: stochastic depth, rising linearly to this over the blocks.
       stem='imagenet',      # imagenet | small
       wn_data_init=False,   # Salimans & Kingma data-dependent init of WNConv.
+      # norm='batch': 'global' statistics over the whole batch (synced BN), or
+      # 'per_device' over each device's shard, as PyTorch DataParallel/DDP.
+      bn_stats='global',
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
       momentum=0.9,
       nesterov=False,
-      weight_decay=1e-4,         # Spares g, biases and BN scale/bias.
+      weight_decay=1e-4,
+      # 'kernels': conv/dense kernels and WN directions v only; 'all': every
+      # parameter (g, biases, BN scale/bias too), as PyTorch's
+      # SGD(model.parameters(), weight_decay=...).
+      weight_decay_on='kernels',
       momentum_correction=True,  # Goyal et al. 2017, sec. 2.1.
   ))
 
@@ -48,6 +61,10 @@ def get_config():
       base_lr=0.1,          # Peak LR, reached after the warm-up.
       warmup_epochs=0.0,    # Linear warm-up from warmup_init_lr to base_lr.
       warmup_init_lr=0.0,
+      hold_epochs=0.0,      # base_lr held this long after the warm-up, then
+                            # the named schedule over the remaining steps.
+      staircase_epochs=0.0,  # > 0: the schedule after warm-up and hold changes
+                             # only every this many epochs; 0: every step.
       end_lr=0.0,           # linear, cosine: value at the last step.
       decay_rate=0.94,      # exponential: factor per epoch.
       step_epochs=(30, 60, 80),  # step: epochs at which the LR is multiplied
@@ -57,16 +74,33 @@ def get_config():
   ))
 
   c.grad_clip = ml_collections.ConfigDict(dict(
-      mode='none',          # none | constant | log | agc
-      threshold=5.0,        # constant: the threshold; log: the first epoch's.
-      final_threshold=1.0,  # log: the last epoch's threshold.
+      # none | constant | log | log_curve | agc. Per epoch from threshold to
+      # final_threshold: log by a constant factor, log_curve along
+      # threshold + a ln(1 + epoch) (bnfree_jax/optim.py).
+      mode='none',
+      threshold=5.0,        # constant: the threshold; log*: the first epoch's.
+      final_threshold=1.0,  # log*: the last epoch's threshold.
       agc_clipping=0.01,    # agc: unit-wise ratio |g|/|w| (Brock et al. 2021).
       agc_eps=1e-3,
   ))
 
   c.seed = 0
+  c.label_smoothing = 0.0        # Training loss only; eval loss is plain cross-entropy.
+  # Exponential moving average of the parameters (and BN statistics), updated
+  # every step and evaluated as eval_ema/*; 0 -> off. ema_warmup: the decay
+  # is min(ema_decay, (1 + t) / (10 + t)) at step t, as TF's and timm's.
+  c.ema_decay = 0.0
+  c.ema_warmup = True
+  # Fine-tuning: a workdir (its newest checkpoint) or a checkpoint directory
+  # (WORKDIR/checkpoints/STEP) whose parameters and BN statistics a fresh run
+  # starts from; a head of another class count is initialised anew. Ignored
+  # once the run has checkpoints of its own.
+  c.init_from = ''
   c.log_every_steps = 100
   c.histogram_every_steps = 500  # Gradient-magnitude histograms (paper Fig. 3).
+  # One layer's histogram too, as Fig. 3 shows "the ninth layer": ResNet-18's
+  # ninth weight layer (stem 1, stage1 2-5, stage2 6-9); '' -> none.
+  c.histogram_layer = 'stage2_block1/conv2'
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
   c.eval_every_steps = -1        # -1 -> once per epoch.

@@ -23,10 +23,6 @@ fi
 config=$1 workdir=$2
 shift 2
 
-# Configs import `from configs import ...`: make that work from any directory.
-repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-
 # main.py joins a multi-process run when it sees a launcher's variables; this
 # is one process, which must not wait for peers even inside a SLURM allocation.
 exec env -u SLURM_NTASKS -u OMPI_COMM_WORLD_SIZE -u JAX_COORDINATOR_ADDRESS \

@@ -29,12 +29,9 @@ import subprocess
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-# Configs import their parents as `from configs import ...`; this makes that
-# work for `python launch/sweep.py` too, and for the runs from any directory.
-sys.path.insert(0, str(REPO))
-
-from bnfree_jax.main import EXIT_BAD_INPUT, EXIT_NONFINITE, EXIT_PREEMPTED  # noqa: E402
+from bnfree_jax import logs, workdir as workdirs
+from bnfree_jax.main import EXIT_NONFINITE, EXIT_PREEMPTED
+from bnfree_jax.workdir import EXIT_BAD_INPUT
 
 
 def run_name(spec: str) -> str:
@@ -45,15 +42,6 @@ def run_name(spec: str) -> str:
 def command(spec, workdir, overrides):
   return [sys.executable, '-m', 'bnfree_jax.main', '--config', spec,
           '--workdir', workdir, *overrides]
-
-
-def latest_step(workdir):
-  """The newest checkpoint's step, or None. Orbax writes a checkpoint into a
-  temporary directory and renames it to the bare step number when complete."""
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    return None
-  return max((int(d) for d in os.listdir(directory) if d.isdigit()), default=None)
 
 
 def total_steps(spec, overrides):
@@ -93,9 +81,7 @@ class Stop:
 
 
 def call(cmd, stop: Stop) -> int:
-  env = dict(os.environ)
-  env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), env.get('PYTHONPATH')]))
-  stop.child = subprocess.Popen(cmd, env=env)
+  stop.child = subprocess.Popen(cmd)
   try:
     return stop.child.wait()
   finally:
@@ -111,11 +97,6 @@ def describe(rc):
           EXIT_PREEMPTED: 'preempted (exit 75)'}.get(rc, f'failed (exit {rc})')
 
 
-def _duration(seconds):
-  s = int(seconds)
-  return f'{s // 3600}h{s % 3600 // 60:02d}m{s % 60:02d}s'
-
-
 def sweep(specs, root, overrides, *, retries=3, run=call, stop=None) -> int:
   stop = stop or Stop()
   counts, t_sweep, bad = {}, time.time(), False
@@ -123,7 +104,7 @@ def sweep(specs, root, overrides, *, retries=3, run=call, stop=None) -> int:
     name = run_name(spec)
     workdir = os.path.join(root, name)
     t0 = time.time()
-    step = latest_step(workdir) if stop.signum is None else None
+    step = workdirs.latest_checkpoint_step(workdir) if stop.signum is None else None
     total = total_steps(spec, overrides) if step is not None else None
     if stop.signum is not None:
       status = 'not started'
@@ -142,9 +123,9 @@ def sweep(specs, root, overrides, *, retries=3, run=call, stop=None) -> int:
     bad |= not status.startswith(('done', 'skipped'))
     key = status.split(' (')[0]
     counts[key] = counts.get(key, 0) + 1
-    print(f'sweep: {name:40s} {status:36s} {_duration(time.time() - t0)}', flush=True)
+    print(f'sweep: {name:40s} {status:36s} {logs.format_duration(time.time() - t0)}', flush=True)
   summary = ', '.join(f'{n} {k}' for k, n in counts.items())
-  print(f'sweep: {len(specs)} runs: {summary}; {_duration(time.time() - t_sweep)}', flush=True)
+  print(f'sweep: {len(specs)} runs: {summary}; {logs.format_duration(time.time() - t_sweep)}', flush=True)
   if stop.signum is not None:
     return EXIT_PREEMPTED
   return 1 if bad else 0

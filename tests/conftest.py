@@ -1,6 +1,6 @@
-"""Shared test setup: 4 simulated CPU devices, and config loading by path."""
+"""Shared test setup: 4 simulated CPU devices, and config loading."""
 
-import importlib.util
+import importlib
 import os
 import pathlib
 import tempfile
@@ -11,25 +11,24 @@ os.environ.setdefault('JAX_NUM_CPU_DEVICES', '4')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 # Tests compile the same small programs again and again (a resumed run, a
 # rerun): a session-wide persistent cache pays for each compilation once.
+# JAX reads these when it is imported, so they come before anything imports it.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', tempfile.mkdtemp(prefix='bnfree_jax_xla_'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
-import sys  # noqa: E402
+from bnfree_jax import runtime  # noqa: E402
+
+# As the CLI does: 4 devices on 2 loaded cores must not abort an all-reduce
+# after XLA's default 40 s (JAX reads XLA_FLAGS when its backend starts).
+runtime.patient_cpu_collectives()
 
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# Recipes import their parents as `from configs import ...`, as when the CLI
-# runs from the repository root.
-sys.path.insert(0, str(REPO))
 
 
 def load_config(relpath: str, arg: str | None = None):
-  """get_config() of a file under configs/, as the CLI would load it."""
-  path = REPO / 'configs' / relpath
-  spec = importlib.util.spec_from_file_location(path.stem, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  """get_config() of a file under configs/ (an installed package)."""
+  module = importlib.import_module('configs.' + relpath.removesuffix('.py').replace('/', '.'))
   return module.get_config(arg) if arg is not None else module.get_config()
 
 

@@ -4,13 +4,13 @@ state that fits no checkpoint is an error rather than a fresh start. Small
 trees, no training: seconds."""
 
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from bnfree_jax import checkpointing
 
 
@@ -24,28 +24,18 @@ def abstract():
 
 
 def saved(workdir, steps, keep=3):
-  mngr = checkpointing.manager(str(workdir), keep=keep, every_steps=1)
+  mngr = checkpointing.manager(str(workdir), keep=keep)
   for step in steps:
-    checkpointing.save(mngr, step, tree(step), force=True)
+    checkpointing.save(mngr, step, tree(step))
   mngr.wait_until_finished()
   return mngr
-
-
-def damage(step_dir):
-  """Truncates every array data file of a checkpoint, as a full disk would."""
-  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir) for f in fs
-           if os.sep + 'd' + os.sep in os.path.join(d, f)]
-  assert files, f'no array data files under {step_dir}'
-  for f in files:
-    with open(f, 'r+b') as fh:
-      fh.truncate(max(os.path.getsize(f) // 3, 1))
 
 
 def test_corrupt_newest_falls_back_and_is_moved_aside(tmp_path, caplog):
   saved(tmp_path, [1, 2, 3]).close()
   ckpts = tmp_path / 'checkpoints'
-  damage(ckpts / '3')
-  mngr = checkpointing.manager(str(tmp_path), keep=3, every_steps=1)
+  helpers.damage_checkpoint(ckpts / '3')
+  mngr = checkpointing.manager(str(tmp_path), keep=3)
   with caplog.at_level(logging.WARNING):
     state = checkpointing.restore_latest(mngr, abstract())
   assert int(state['step']) == 2
@@ -69,9 +59,9 @@ def test_leftover_of_a_killed_save_is_ignored_and_removed(tmp_path):
   saved(tmp_path, [1]).close()
   leftover = tmp_path / 'checkpoints' / '2.orbax-checkpoint-tmp-1234'
   (leftover / 'default').mkdir(parents=True)
-  mngr = checkpointing.manager(str(tmp_path), keep=3, every_steps=1)
+  mngr = checkpointing.manager(str(tmp_path), keep=3)
   assert int(checkpointing.restore_latest(mngr, abstract())['step']) == 1
-  checkpointing.save(mngr, 2, tree(2), force=True)
+  checkpointing.save(mngr, 2, tree(2))
   mngr.wait_until_finished()
   assert mngr.all_steps() == [1, 2] and not leftover.exists()
   mngr.close()
@@ -79,7 +69,7 @@ def test_leftover_of_a_killed_save_is_ignored_and_removed(tmp_path):
 
 def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
   saved(tmp_path, [1, 2]).close()
-  mngr = checkpointing.manager(str(tmp_path), keep=3, every_steps=1)
+  mngr = checkpointing.manager(str(tmp_path), keep=3)
   # Another train state (a changed optimizer, say) fits none of them.
   other = {'w': jax.ShapeDtypeStruct((5,), jnp.float32, sharding=abstract()['w'].sharding)}
   with pytest.raises(checkpointing.NoReadableCheckpointError, match=r'steps 2, 1'):
@@ -89,6 +79,6 @@ def test_no_readable_checkpoint_is_an_error_and_moves_nothing(tmp_path):
 
 
 def test_empty_workdir_restores_nothing(tmp_path):
-  mngr = checkpointing.manager(str(tmp_path), keep=3, every_steps=1)
+  mngr = checkpointing.manager(str(tmp_path), keep=3)
   assert checkpointing.restore_latest(mngr, abstract()) is None
   mngr.close()

@@ -6,9 +6,12 @@ import os
 import ml_collections
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 from bnfree_jax import input_pipeline as ip
+from bnfree_jax import input_tfds
 
 DEBIAN_FASHION = '/usr/share/datasets/fashion-mnist'
 
@@ -16,7 +19,7 @@ DEBIAN_FASHION = '/usr/share/datasets/fashion-mnist'
 def _config(**overrides):
   config = ml_collections.ConfigDict(dict(
       dataset='synthetic', data_dir='', image_size=-1, shuffle_buffer=64,
-      seed=0, synthetic=dict(image_size=8, channels=3, num_classes=4,
+      train_subset=-1, seed=0, synthetic=dict(image_size=8, channels=3, num_classes=4,
                              num_train=100, num_eval=10)))
   config.update(overrides)
   return config
@@ -24,7 +27,8 @@ def _config(**overrides):
 
 def _train(config, n, start_step=0, local_batch_size=8, process_index=0,
            process_count=1):
-  it = ip.train_batches(config, start_step=start_step,
+  steps_per_epoch = ip.dataset_info(config).num_train // (local_batch_size * process_count)
+  it = ip.train_batches(config, steps_per_epoch=steps_per_epoch, start_step=start_step,
                         local_batch_size=local_batch_size,
                         process_index=process_index,
                         process_count=process_count)
@@ -137,6 +141,55 @@ def test_each_epoch_is_a_new_permutation_of_whole_batches():
   assert not np.array_equal(*first_images)
 
 
+def test_train_subset_is_the_first_examples_as_stored(tmp_path):
+  config = _config(dataset='fashion_mnist', data_dir=str(tmp_path), train_subset=600)
+  assert ip.dataset_info(config).num_train == 600
+  train_x, train_y, _, _ = ip.load_idx(DEBIAN_FASHION)
+  # 600 // 64 = 9 steps per epoch; two epochs, each a permutation of the 600.
+  batches = _train(config, 18, local_batch_size=64)
+  for epoch in range(2):
+    rows = ip.permutation(0, epoch, 600)[:9 * 64]
+    got = batches[9 * epoch:9 * (epoch + 1)]
+    np.testing.assert_array_equal(np.concatenate([b['label'] for b in got]), train_y[rows])
+    raw = np.concatenate([b['image'] for b in got]) * (0.3530 * 255) + 0.2860 * 255
+    np.testing.assert_allclose(raw, train_x[rows], atol=1e-3)
+  for k in (4, 9, 13):
+    _assert_same(_train(config, 1, start_step=k, local_batch_size=64)[0], batches[k])
+  _assert_split_equals_whole(config, batches, 32, lambda c, **kw: _train(c, 18, **kw))
+  assert ip.dataset_info(config).num_eval == 10000  # The test split stays whole.
+
+
+def test_train_subset_of_a_tfds_copy(tmp_path):
+  config = _config(dataset='cifar10', data_dir=str(tmp_path), train_subset=12)
+  with tfds.testing.mock_data(num_examples=20, policy=tfds.testing.MockPolicy.USE_CODE):
+    assert ip.dataset_info(config).num_train == 12
+    stored = input_tfds.arrays(config, train=True)[1]
+    labels = np.concatenate([b['label'] for b in _train(config, 3, local_batch_size=4)])
+  np.testing.assert_array_equal(labels, stored[ip.permutation(0, 0, 12)])
+
+
+def test_train_subset_of_synthetic_data_and_bad_sizes(tmp_path):
+  config = _config(train_subset=40)
+  images, labels = ip._arrays(config, train=True)
+  whole = ip._arrays(_config(), train=True)
+  np.testing.assert_array_equal(images, whole[0][:40])
+  np.testing.assert_array_equal(labels, whole[1][:40])
+  assert ip.dataset_info(config).num_train == 40
+  for n in (0, 101, -2):
+    with pytest.raises(ValueError, match=rf'train_subset={n} is not -1 \(all\) or in '
+                       r'1..100, the size of the synthetic training split'):
+      ip.dataset_info(_config(train_subset=n))
+  with pytest.raises(ValueError, match=r'train_subset=60001 .* in 1..60000'):
+    ip.dataset_info(_config(dataset='fashion_mnist', data_dir=str(tmp_path),
+                            train_subset=60001))
+  imagenet = _config(dataset='imagenet2012', data_dir=str(tmp_path), train_subset=10)
+  train = lambda c: ip.train_batches(c, steps_per_epoch=1, start_step=0, local_batch_size=8)
+  for make in (ip.dataset_info, train):
+    with pytest.raises(ValueError, match='train_subset=10 is for the datasets held in '
+                       'memory, not imagenet2012'):
+      make(imagenet)
+
+
 def test_synthetic_classes_are_separable():
   config = _config()
   images, labels = ip._arrays(config, train=True)
@@ -171,6 +224,35 @@ def test_mock_tfds_shapes_masks_and_determinism(tmp_path, name, image_size):
     _assert_split_equals_whole(config, evals, 4, _eval)
 
 
+def _pil_bilinear(image, size):
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), np.float32)
+
+
+def test_imagenet_crop_is_downsized_as_pil_does():
+  # Pixel noise: every source pixel differs from its neighbours, so sampling
+  # a few of them (aliasing) is far from averaging all of them (PIL).
+  noise = np.random.default_rng(0).integers(0, 256, (300, 260, 3), np.uint8)
+  jpeg = tf.io.encode_jpeg(noise, quality=100)
+  # The eval crop: the central 87.5% of the short side, 227 px, to 64 px.
+  crop = tf.io.decode_jpeg(jpeg).numpy()[36:36 + 227, 16:16 + 227]
+  want = _pil_bilinear(crop, 64)
+  got = input_tfds._decode_crop(jpeg, 64, None).numpy()
+  assert np.abs(got - want).mean() < 2
+  assert np.abs(tf.image.resize(crop, (64, 64)).numpy() - want).mean() > 20
+
+
+def test_resizing_in_memory_data_downsizes_as_pil_does():
+  config = _config(image_size=24, synthetic=dict(image_size=64, channels=3, num_classes=4,
+                                                 num_train=100, num_eval=10))
+  images, _ = ip._arrays(config, train=False)
+  (batch,) = _eval(config, 16)
+  got = batch['image'][:10] * (0.24 * 255) + 0.5 * 255
+  want = np.stack([_pil_bilinear(image, 24) for image in images])
+  assert np.abs(got - want).mean() < 2
+  aliased = tf.image.resize(images, (24, 24)).numpy()
+  assert np.abs(aliased - want).mean() > 20
+
+
 def test_missing_mnist_names_every_place_looked(tmp_path):
   config = _config(dataset='mnist', data_dir=str(tmp_path))
   with pytest.raises(ip.DataNotFoundError) as e:
@@ -180,7 +262,7 @@ def test_missing_mnist_names_every_place_looked(tmp_path):
   assert os.path.join(str(tmp_path), 'mnist') in message
   assert 'tfds build mnist' in message and 'train-images-idx3-ubyte.gz' in message
   with pytest.raises(ip.DataNotFoundError):
-    next(ip.train_batches(config, start_step=0, local_batch_size=8,
+    next(ip.train_batches(config, steps_per_epoch=1, start_step=0, local_batch_size=8,
                           process_index=0, process_count=1))
 
 
@@ -197,11 +279,14 @@ def test_bad_arguments():
                      'imagenet2012, cifar10, cifar100, mnist, fashion_mnist'):
     ip.dataset_info(_config(dataset='foo'))
   with pytest.raises(ValueError, match='local_batch_size=0'):
-    ip.train_batches(_config(), start_step=0, local_batch_size=0,
+    ip.train_batches(_config(), steps_per_epoch=1, start_step=0, local_batch_size=0,
                      process_index=0, process_count=1)
-  with pytest.raises(ValueError, match='not fill one global batch'):
-    ip.train_batches(_config(), start_step=0, local_batch_size=64,
+  with pytest.raises(ValueError, match='steps_per_epoch=0 must be > 0'):
+    ip.train_batches(_config(), steps_per_epoch=0, start_step=0, local_batch_size=64,
                      process_index=0, process_count=2)
+  with pytest.raises(ValueError, match=r'process_index=2 is not in \[0, process_count=2\)'):
+    ip.train_batches(_config(), steps_per_epoch=1, start_step=0, local_batch_size=8,
+                     process_index=2, process_count=2)
 
 
 def test_reads_the_default_config_layout(default_config):

@@ -1,6 +1,7 @@
-"""launch/: the shell scripts parse, the sweep prints the right commands, reruns
-preempted runs, goes on after failures, and skips a run that finished (one
-real tiny run, ~1 min on 2 CPU cores)."""
+"""launch/: the shell scripts run the trainer as documented (srun, scontrol
+and python stubbed), the sweep prints the right commands, reruns preempted
+runs, goes on after failures, and skips a run that finished (one real tiny
+run, ~1 min on 2 CPU cores)."""
 
 import os
 import subprocess
@@ -25,9 +26,70 @@ def sweep_lines(out):
   return [line for line in out.splitlines() if line.startswith('sweep:')]
 
 
-@pytest.mark.parametrize('script', ['local.sh', 'slurm.sbatch', 'gpu_check.sh'])
-def test_shell_scripts_parse(script):
-  subprocess.run(['bash', '-n', str(REPO / 'launch' / script)], check=True)
+def stub(directory, name, body):
+  """An executable bash script directory/name running body."""
+  directory.mkdir(exist_ok=True)
+  path = directory / name
+  path.write_text('#!/usr/bin/env bash\n' + body)
+  path.chmod(0o755)
+  return path
+
+
+@pytest.mark.parametrize('code', [75, 0, 2, 3])
+def test_slurm_sbatch_requeues_on_exit_75_only(tmp_path, code):
+  """With srun and scontrol stubbed on PATH: the job runs the trainer in the
+  submission directory and exits with its code; only 75 (preempted, saved)
+  requeues the job."""
+  calls = tmp_path / 'calls'
+  stub(tmp_path / 'bin', 'srun', f'echo "$PWD: srun $*" >> {calls}\nexit {code}\n')
+  stub(tmp_path / 'bin', 'scontrol', f'echo "$PWD: scontrol $*" >> {calls}\n')
+  submit = tmp_path / 'submitted_from'
+  submit.mkdir()
+  env = {**os.environ, 'PATH': f'{tmp_path / "bin"}:{os.environ["PATH"]}',
+         'SLURM_JOB_ID': '1234', 'SLURM_SUBMIT_DIR': str(submit)}
+  args = ['configs/paper/t1_wn.py:small', 'runs/t1', '--config.seed=1']
+  if code == 2:  # CONFIG and WORKDIR from the environment instead.
+    env.update(CONFIG=args[0], WORKDIR=args[1])
+    args = []
+  r = subprocess.run(['bash', str(REPO / 'launch' / 'slurm.sbatch'), *args], cwd=tmp_path,
+                     env=env, capture_output=True, text=True)
+  assert r.returncode == code, r.stderr
+  trainer = (f'{submit}: srun python -m bnfree_jax.main --config configs/paper/t1_wn.py:small '
+             '--workdir runs/t1')
+  want = [trainer + ('' if code == 2 else ' --config.seed=1')]
+  if code == 75:
+    want.append(f'{submit}: scontrol requeue 1234')
+    assert 'requeueing job 1234' in r.stderr
+  assert calls.read_text().splitlines() == want
+
+
+def test_slurm_sbatch_without_config_is_usage(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k not in ('CONFIG', 'WORKDIR')}
+  r = subprocess.run(['bash', str(REPO / 'launch' / 'slurm.sbatch')], cwd=tmp_path, env=env,
+                     capture_output=True, text=True)
+  assert r.returncode != 0 and 'usage: sbatch launch/slurm.sbatch' in r.stderr
+
+
+def test_local_sh_runs_one_process_outside_slurm(tmp_path):
+  """Inside an allocation, the trainer must not see the launcher's variables
+  (it would wait for peers); the rest of the environment and the exit code
+  pass through. $PYTHON is the interpreter local.sh runs."""
+  python = stub(tmp_path / 'bin', 'python',
+                'echo "args: $*"\n'
+                'for v in SLURM_NTASKS OMPI_COMM_WORLD_SIZE JAX_COORDINATOR_ADDRESS \\\n'
+                '         SLURM_JOB_ID; do\n'
+                '  echo "$v=${!v-unset}"\n'
+                'done\nexit 3\n')
+  env = {**os.environ, 'PYTHON': str(python), 'SLURM_NTASKS': '8', 'OMPI_COMM_WORLD_SIZE': '4',
+         'JAX_COORDINATOR_ADDRESS': 'node0:1234', 'SLURM_JOB_ID': '99'}
+  r = subprocess.run([str(REPO / 'launch' / 'local.sh'), 'configs/resnet18_wn.py', 'runs/r18',
+                      '--config.batch_size=32'], env=env, capture_output=True, text=True)
+  assert r.returncode == 3, r.stderr
+  assert r.stdout.splitlines() == [
+      'args: -m bnfree_jax.main --config configs/resnet18_wn.py --workdir runs/r18 '
+      '--config.batch_size=32',
+      'SLURM_NTASKS=unset', 'OMPI_COMM_WORLD_SIZE=unset', 'JAX_COORDINATOR_ADDRESS=unset',
+      'SLURM_JOB_ID=99']
 
 
 def test_local_sh_usage_is_exit_2():
@@ -120,3 +182,27 @@ def test_runs_then_skips_a_finished_run(tmp_path):
   assert 'skipped (finished at step 4)' in sweep_lines(r.stdout)[0]
   assert 'Training' not in r.stderr  # No trainer was started.
   assert files_under(workdir) == before
+
+
+def test_gpu_check_sh_names_results_after_the_gpu(tmp_path):
+  """With nvidia-smi and python3 stubbed on PATH: the suite runs from the
+  repository root with its results named after the GPU, the flags given
+  passed on, a log kept, and the suite's exit code returned."""
+  stub(tmp_path / 'bin', 'nvidia-smi', 'echo "NVIDIA H100 80GB HBM3"\n')
+  stub(tmp_path / 'bin', 'python3', 'echo "$PWD: python3 $*"\nexit 3\n')
+  env = {**os.environ, 'PATH': f'{tmp_path / "bin"}:{os.environ["PATH"]}',
+         'WHEELS': str(tmp_path / 'no_wheels')}
+  out = tmp_path / 'out'
+  r = subprocess.run([str(REPO / 'launch' / 'gpu_check.sh'), str(out), '--e2e-steps', '0'],
+                     cwd=tmp_path, env=env, capture_output=True, text=True)
+  assert r.returncode == 3, r.stderr
+  name = out / 'gpu_h100_80gb_hbm3'
+  assert r.stdout.splitlines() == [
+      f'{REPO}: python3 -m bnfree_jax.bench --suite gpu --json {name}.json --md {name}.md '
+      '--e2e-steps 0']
+  assert (out / 'gpu_h100_80gb_hbm3.log').read_text() == r.stdout
+
+
+def test_gpu_check_sh_usage_is_exit_2():
+  r = subprocess.run([str(REPO / 'launch' / 'gpu_check.sh')], capture_output=True, text=True)
+  assert r.returncode == 2 and 'usage' in r.stderr

@@ -56,7 +56,13 @@ def test_gradient_summaries_group_by_layer_and_stage():
   assert set(norms) == {'stem_conv', 'stage1_block0/conv1', 'head'}
   assert float(norms['stem_conv']) == pytest.approx(np.sqrt(18 * 4 + 2))
   assert float(norms['head']) == pytest.approx(np.sqrt(3 * 16))
-  samples = metrics.grad_magnitude_samples(grads, per_stage=4)
+  samples = metrics.grad_magnitude_samples(grads, per_group=4)
   assert set(samples) == {'stem', 'stage1', 'head'}
   np.testing.assert_allclose(samples['stage1'], -3.0, rtol=1e-6)
   assert samples['stem'].size <= 20 // 4 + 1
+  # One layer too: all of its entries (g and v), apart from its stage's.
+  samples = metrics.grad_magnitude_samples(grads, layer='stem_conv', per_group=100)
+  assert set(samples) == {'stem', 'stage1', 'head', 'stem_conv'}
+  np.testing.assert_allclose(np.sort(samples['stem_conv']), [0.0] * 2 + [np.log10(2)] * 18,
+                             atol=1e-6)
+  assert metrics.layer_names(grads) == ['head', 'stage1_block0/conv1', 'stem_conv']

@@ -1,98 +1,120 @@
 """Two processes with one CPU device each, talking over gloo on 127.0.0.1,
-train exactly as one process with two devices, and only process 0 writes
-metrics and the run's files."""
+train and evaluate exactly as one process with two devices, stop together
+when only one of them gets SIGTERM, and only process 0 writes metrics and the
+run's files."""
 
+import contextlib
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
+import helpers
+from bnfree_jax import report
 from conftest import REPO
 
 STEPS = 16
 
 # Batch norm, whose statistics span the global batch, so across processes;
 # no dropout: its threefry bits triple the compile time on CPU, and the three
-# processes here compile everything for themselves.
-CONFIG = f'''
-from configs import default
+# processes here compile everything for themselves. One epoch of 16 steps.
+OVERRIDES = {'model.norm': 'batch', 'model.dropout_rate': 0.0, 'num_train_steps': STEPS,
+             'lr_schedule.base_lr': 0.05, 'log_every_steps': 4, 'histogram_every_steps': 8,
+             'checkpoint_every_steps': 8, 'eval_every_steps': 8}
 
 
-def get_config():
-  c = default.get_config()
-  c.dataset = 'synthetic'
-  c.synthetic.update(image_size=16, channels=3, num_classes=4, num_train=256, num_eval=10)
-  c.model.update(name='resnet18', norm='batch', width=8, stem='small')
-  c.batch_size = 16
-  c.eval_batch_size = 4
-  c.num_train_steps = {STEPS}
-  c.lr_schedule.update(name='linear', base_lr=0.05, warmup_epochs=0.25, warmup_init_lr=0.01)
-  c.grad_clip.update(mode='log', threshold=5.0, final_threshold=1.0)
-  c.log_every_steps = 4
-  c.histogram_every_steps = 8
-  c.checkpoint_every_steps = 8
-  c.eval_every_steps = 8
-  return c
-'''
-
-
-def free_port():
+@contextlib.contextmanager
+def reserved_port():
+  """A free port of 127.0.0.1, kept bound (not listening) while in use: with
+  SO_REUSEADDR the coordinator of process 0 can still bind and listen on it,
+  but no ephemeral port (another test's, a connection's) can take it between
+  the choice and the coordinator's start."""
   with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
+    yield s.getsockname()[1]
 
 
-def numpy_state(workdir, step):
-  """A checkpoint as numpy arrays, whatever devices wrote it."""
-  path = os.path.join(workdir, 'checkpoints', str(step), 'default')
-  with ocp.PyTreeCheckpointer() as ckptr:
-    metadata = ckptr.metadata(path).item_metadata.tree
-    args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=args))
+def wait_for_text(path, text, procs, timeout=300):
+  deadline = time.time() + timeout
+  while text not in path.read_text():
+    assert all(p.poll() is None for p in procs) and time.time() < deadline, path.read_text()
+    time.sleep(0.1)
 
 
 def test_two_processes_train_exactly_like_one_process_with_two_devices(tmp_path):
-  config = tmp_path / 'tiny.py'
-  config.write_text(CONFIG)
+  """Process 1 alone gets SIGTERM: both save the same step and exit 75; rerun,
+  they resume and end with the very state and eval metrics of one process
+  with two devices, whose last eval batch holds rows 8, 9 on process 0 and
+  only padding on process 1."""
+  config = helpers.write_config(tmp_path / 'tiny.py', **OVERRIDES)
+  logs = tmp_path / 'logs'
+  logs.mkdir()
 
-  def start(name, devices, *flags, **env):
-    with open(tmp_path / f'{name}.log', 'w') as log:
-      return subprocess.Popen(
-          [sys.executable, '-m', 'bnfree_jax.main', '--config', str(config),
-           '--workdir', str(tmp_path / name.split('.')[0]), *flags],
-          cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-          env={**os.environ, 'JAX_NUM_CPU_DEVICES': str(devices), **env})
+  with helpers.Processes() as procs, reserved_port() as port:
+    def start(name, workdir, devices, *flags, **env):
+      with open(logs / f'{name}.log', 'w') as log:
+        return procs.start(
+            [sys.executable, '-m', 'bnfree_jax.main', '--config', str(config),
+             '--workdir', str(tmp_path / workdir), *flags],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            env={**os.environ, 'JAX_NUM_CPU_DEVICES': str(devices), **env})
 
-  port = free_port()
-  # Each process compiles for itself: on CPU, process 1 finds nothing of
-  # process 0's in JAX's persistent cache (their cache keys differ), so with
-  # a warm cache process 0 would wait at the first collective for longer than
-  # gloo's fixed 30 s connection timeout.
-  two = [start(f'two.{i}', 1, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
-               f'--process_id={i}', JAX_ENABLE_COMPILATION_CACHE='false') for i in (0, 1)]
-  one = start('one', 2)
-  names = ('two.0', 'two.1', 'one')
-  for name, proc in zip(names, (*two, one)):
-    # Every log: when one process fails, another may be the first to show it.
-    assert proc.wait(timeout=500) == 0, '\n'.join(
-        f'--- {n}.log\n' + (tmp_path / f'{n}.log').read_text() for n in names)
+    def two_processes(attempt):
+      # Each process compiles for itself: on CPU, process 1 finds nothing of
+      # process 0's in JAX's persistent cache (their cache keys differ), so
+      # with a shared warm cache process 0 would wait at the first collective
+      # for longer than gloo's fixed 30 s connection timeout. Each has its own
+      # cache, which its rerun loads from.
+      return [start(f'two.{attempt}.{i}', 'two', 1, f'--coordinator_address=127.0.0.1:{port}',
+                    '--num_processes=2', f'--process_id={i}',
+                    JAX_COMPILATION_CACHE_DIR=str(tmp_path / f'cache{i}')) for i in (0, 1)]
+
+    def wait(named_procs, code):
+      for name, proc in named_procs.items():
+        # Every log: when one process fails, another may be the first to show it.
+        assert proc.wait(timeout=500) == code, '\n'.join(
+            f'--- {log.name}\n' + log.read_text() for log in sorted(logs.iterdir()))
+
+    two, one = two_processes('a'), start('one', 'one', 2)
+    # Both processes are past their input checks once process 0 states its
+    # plan; the first step still has to compile.
+    wait_for_text(logs / 'two.a.0.log', 'Training resnet18', two)
+    two[1].send_signal(signal.SIGTERM)
+    wait({'two.a.0': two[0], 'two.a.1': two[1]}, 75)
+    log0, log1 = ((logs / f'two.a.{i}.log').read_text() for i in (0, 1))
+    stopped = int(re.search(r'SIGTERM received: saved a checkpoint at step (\d+) ', log1)[1])
+    assert f'a stop signal received: saved a checkpoint at step {stopped} ' in log0, log0
+    assert 0 < stopped < STEPS and helpers.checkpoint_steps(tmp_path / 'two')[-1] == stopped
+
+    two = two_processes('b')
+    wait({'two.b.0': two[0], 'two.b.1': two[1], 'one': one}, 0)
 
   # Bit for bit: the same sharded program, the same global batches.
-  jax.tree.map(np.testing.assert_array_equal, numpy_state(tmp_path / 'two', STEPS),
-               numpy_state(tmp_path / 'one', STEPS))
+  jax.tree.map(np.testing.assert_array_equal, helpers.read_checkpoint(tmp_path / 'two', STEPS),
+               helpers.read_checkpoint(tmp_path / 'one', STEPS))
+  two, one = (report.load_run(str(tmp_path / d)).scalars for d in ('two', 'one'))
+  for tag in ('eval/loss', 'eval/top1', 'eval/top5'):
+    np.testing.assert_array_equal(two[tag][0], [8, 16])
+    np.testing.assert_array_equal(two[tag][1], one[tag][1], err_msg=tag)
+  # One epoch: the 'log' clip schedule has no second epoch to move to.
+  np.testing.assert_array_equal(one['train/clip_threshold'][1], [5.0] * 4)
 
   # One set of run files, written by process 0; process 1 adds only its
   # shards inside orbax's checkpoints.
   files = sorted(os.listdir(tmp_path / 'two'))
-  assert files[:2] == ['checkpoints', 'config.json'] and len(files) == 3, files
-  assert files[2].startswith('events.out.tfevents.'), files
-  assert sorted(os.listdir(tmp_path / 'two' / 'checkpoints')) == ['16', '8']
-  log0, log1 = ((tmp_path / f'two.{i}.log').read_text() for i in (0, 1))
+  assert files[:2] == ['checkpoints', 'config.json'] and len(files) == 4, files
+  assert all(f.startswith('events.out.tfevents.') for f in files[2:]), files  # One per attempt.
+  assert helpers.checkpoint_steps(tmp_path / 'two') == sorted({stopped, 8, STEPS})
+  log0, log1 = ((logs / f'two.b.{i}.log').read_text() for i in (0, 1))
   assert 'resnet18 (norm=batch)' in log0 and 'global batch 16 over 2 devices' in log0, log0
+  assert f'steps {stopped}..{STEPS} of {STEPS}' in log0, log0
   assert f'step {STEPS}/{STEPS}' in log0, log0
   assert 'step ' not in log1, log1
 
@@ -101,16 +123,15 @@ def test_bad_input_in_one_process_stops_all_at_once(tmp_path):
   """Process 1 alone gets a batch size its 2 devices cannot split: both exit
   2 before compiling, process 0 naming process 1's error, instead of process 0
   waiting at its first barrier until the shutdown timeout."""
-  config = tmp_path / 'tiny.py'
-  config.write_text(CONFIG)
-  port = free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, '-m', 'bnfree_jax.main', '--config', str(config),
-       '--workdir', str(tmp_path / 'run'), f'--coordinator_address=127.0.0.1:{port}',
-       '--num_processes=2', f'--process_id={i}', *(['--config.batch_size=15'] if i else [])],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-      env={**os.environ, 'JAX_NUM_CPU_DEVICES': '1'}) for i in (0, 1)]
-  errors = [proc.communicate(timeout=120)[1] for proc in procs]
+  config = helpers.write_config(tmp_path / 'tiny.py', **OVERRIDES)
+  with helpers.Processes() as started, reserved_port() as port:
+    procs = [started.start(
+        [sys.executable, '-m', 'bnfree_jax.main', '--config', str(config),
+         '--workdir', str(tmp_path / 'run'), f'--coordinator_address=127.0.0.1:{port}',
+         '--num_processes=2', f'--process_id={i}', *(['--config.batch_size=15'] if i else [])],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, 'JAX_NUM_CPU_DEVICES': '1'}) for i in (0, 1)]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
   assert [proc.returncode for proc in procs] == [2, 2], errors
   own = 'batch_size=15 is not divisible by the 2 devices'
   assert errors[1].splitlines()[-1].startswith(f'error: {own}'), errors[1]

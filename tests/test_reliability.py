@@ -22,38 +22,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-import tensorflow as tf
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tensorboard.backend.event_processing import event_accumulator
 
-from bnfree_jax import checkpointing, input_pipeline, train
+import helpers
+from bnfree_jax import checkpointing, input_pipeline, report, train
 from conftest import REPO
 
 STEPS, EVERY = 40, 8
-
-# The model and optimizer of test_train.tiny_config (same compiled programs),
-# as a file the CLI can load. It builds on configs/default.py only.
-TINY_CONFIG = f'''
-from configs import default
-
-
-def get_config():
-  c = default.get_config()
-  c.dataset = 'synthetic'
-  c.synthetic.update(image_size=16, channels=3, num_classes=4, num_train=256, num_eval=10)
-  c.model.update(name='resnet18', norm='weight', width=8, stem='small', dropout_rate=0.1)
-  c.batch_size = 16
-  c.eval_batch_size = 4
-  c.num_train_steps = {STEPS}
-  c.lr_schedule.update(name='linear', base_lr=0.05, warmup_epochs=0.25,
-                       warmup_init_lr=0.01, end_lr=0.0)
-  c.grad_clip.update(mode='log', threshold=5.0, final_threshold=1.0)
-  c.log_every_steps = 10
-  c.histogram_every_steps = 20
-  c.checkpoint_every_steps = {EVERY}
-  c.eval_every_steps = 20
-  return c
-'''
 
 
 def load(path, **overrides):
@@ -66,17 +41,11 @@ def load(path, **overrides):
 
 
 def steps(workdir):
-  """Steps of the finished checkpoints (orbax renames a save to its bare step
-  number only once it is complete)."""
-  directory = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(directory):
-    return []
-  return sorted(int(d) for d in os.listdir(directory) if d.isdigit())
+  return helpers.checkpoint_steps(workdir)
 
 
 def state_at(workdir, step):
-  with ocp.CheckpointManager(os.path.join(workdir, 'checkpoints')) as mngr:
-    return jax.device_get(mngr.restore(step, args=ocp.args.StandardRestore()))
+  return helpers.read_checkpoint(workdir, step)[1]
 
 
 def assert_same_state(a, b):
@@ -88,8 +57,8 @@ def assert_same_state(a, b):
 def reference(tmp_path_factory):
   """(config file, workdir of the uninterrupted run on 4 devices)."""
   root = tmp_path_factory.mktemp('reliability')
-  config_path = root / 'tiny.py'
-  config_path.write_text(TINY_CONFIG)
+  # test_train's run, saved every EVERY steps: the same compiled programs.
+  config_path = helpers.write_config(root / 'tiny.py', checkpoint_every_steps=EVERY)
   workdir = root / 'reference'
   train.train_and_evaluate(load(config_path), str(workdir))
   assert steps(workdir) == [24, 32, 40]
@@ -99,57 +68,79 @@ def reference(tmp_path_factory):
 # ------------------------------------------------- real processes, signals ----
 
 
-def launch(config_path, workdir, log_path):
-  """`python -m bnfree_jax.main` on the config, as a user would start it."""
+# `python -m bnfree_jax.main ARGV`, except that the train batch of step
+# $PAUSE_AT_STEP is held back: the child creates $PAUSED_FILE and waits for
+# $RESUME_FILE. So the test acts at a known step boundary, not at a moment
+# found by polling a log.
+PAUSING_MAIN = r"""
+import os, sys, time
+from bnfree_jax import input_pipeline, main
+
+real = input_pipeline.train_batches
+pause_at = int(os.environ['PAUSE_AT_STEP'])
+
+def train_batches(config, *, start_step, **kw):
+  for step, batch in enumerate(real(config, start_step=start_step, **kw), start_step):
+    if step == pause_at:
+      open(os.environ['PAUSED_FILE'], 'w').close()
+      while not os.path.exists(os.environ['RESUME_FILE']):
+        time.sleep(0.01)
+    yield batch
+
+input_pipeline.train_batches = train_batches
+sys.exit(main.run(sys.argv))
+"""
+
+
+def launch(procs, config_path, workdir, log_path, pause_at):
+  """The CLI on the config, as a user would start it, pausing before step
+  pause_at: returns (process, paused file, resume file)."""
   # The child inherits this count, so it compiles the reference's programs.
   assert int(os.environ['JAX_NUM_CPU_DEVICES']) == jax.device_count()
-  log = open(log_path, 'w')
-  proc = subprocess.Popen(
-      [sys.executable, '-m', 'bnfree_jax.main', '--config', str(config_path),
-       '--workdir', str(workdir)],
-      cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-  log.close()
-  return proc
+  paused, resume = log_path.with_suffix('.paused'), log_path.with_suffix('.resume')
+  with open(log_path, 'w') as log:
+    proc = procs.start(
+        [sys.executable, '-c', PAUSING_MAIN, '--config', str(config_path),
+         '--workdir', str(workdir)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, 'PAUSE_AT_STEP': str(pause_at), 'PAUSED_FILE': str(paused),
+             'RESUME_FILE': str(resume)})
+  return proc, paused, resume
 
 
-def wait_for(condition, proc, log_path, timeout=240):
+def wait_for(path, proc, log_path, timeout=240):
   deadline = time.time() + timeout
-  while not condition():
+  while not path.exists():
     if proc.poll() is not None or time.time() > deadline:
-      proc.kill()
-      pytest.fail(f'gave up waiting (exit code {proc.poll()}):\n{log_path.read_text()}')
-    time.sleep(0.02)
+      pytest.fail(f'no {path.name} (exit code {proc.poll()}):\n{log_path.read_text()}')
+    time.sleep(0.05)
 
 
 def test_sigkill_then_sigterm_while_compiling_then_rerun_is_exact(reference, tmp_path):
   config_path, reference_dir = reference
   workdir = tmp_path / 'run'
 
-  # SIGKILL once a checkpoint past step 0 is complete, preferably while the
-  # next async save is half-written (orbax writes it to a tmp directory).
-  def saving_or_late():
-    done, directory = steps(workdir), workdir / 'checkpoints'
-    saving = directory.is_dir() and any('.orbax-checkpoint-tmp' in d for d in os.listdir(directory))
-    return done and (saving or done[-1] >= 3 * EVERY)
+  with helpers.Processes() as procs:
+    # SIGKILL just after the save of step 3 * EVERY started: orbax writes it
+    # asynchronously into a tmp directory, so it may be cut short.
+    log1 = tmp_path / 'killed.log'
+    proc, paused, _ = launch(procs, config_path, workdir, log1, pause_at=3 * EVERY)
+    wait_for(paused, proc, log1)
+    proc.kill()
+    proc.wait()
+    killed_at = steps(workdir)[-1]
+    assert killed_at in (2 * EVERY, 3 * EVERY), log1.read_text()
 
-  log1 = tmp_path / 'killed.log'
-  proc = launch(config_path, workdir, log1)
-  wait_for(saving_or_late, proc, log1)
-  proc.kill()
-  proc.wait()
-  killed_at = steps(workdir)[-1]
-  assert EVERY <= killed_at < STEPS, log1.read_text()
-
-  # The same command resumes from the newest complete checkpoint. SIGTERM as
-  # it starts, while the steps compile: it saves the first step it finishes,
-  # not a multiple of checkpoint_every_steps, and exits with 75.
-  log2 = tmp_path / 'preempted.log'
-  proc = launch(config_path, workdir, log2)
-  resumed = f'steps {killed_at}..{STEPS} of {STEPS}'
-  wait_for(lambda: resumed in log2.read_text(), proc, log2)
-  proc.send_signal(signal.SIGTERM)
-  assert proc.wait(timeout=240) == 75, log2.read_text()
+    # The same command resumes from the newest complete checkpoint. SIGTERM
+    # before its first step, which then compiles and runs: it saves that
+    # step, not a multiple of checkpoint_every_steps, and exits with 75.
+    log2 = tmp_path / 'preempted.log'
+    proc, paused, resume = launch(procs, config_path, workdir, log2, pause_at=killed_at)
+    wait_for(paused, proc, log2)
+    proc.send_signal(signal.SIGTERM)
+    resume.touch()
+    assert proc.wait(timeout=240) == 75, log2.read_text()
   out = log2.read_text()
+  assert f'steps {killed_at}..{STEPS} of {STEPS}' in out, out
   assert f'SIGTERM received: saved a checkpoint at step {killed_at + 1}' in out, out
   assert 'Traceback' not in out, out
   assert steps(workdir)[-1] == killed_at + 1
@@ -217,13 +208,7 @@ def test_corrupt_newest_checkpoint_falls_back_and_is_kept(reference, tmp_path, c
   workdir = tmp_path / 'run'
   shutil.copytree(reference_dir, workdir)
   newest = workdir / 'checkpoints' / str(STEPS)
-  data_files = [os.path.join(d, f) for d, _, fs in os.walk(newest) for f in fs
-                if f'{os.sep}d{os.sep}' in os.path.join(d, f)]
-  assert data_files
-  for f in data_files:  # Half-written array data, as after a full disk.
-    with open(f, 'r+b') as fh:
-      fh.truncate(os.path.getsize(f) // 2)
-  damaged = {f: open(f, 'rb').read() for f in data_files}
+  damaged = helpers.damage_checkpoint(newest)  # Half-written array data.
 
   with caplog.at_level(logging.INFO):
     train.train_and_evaluate(load(config_path), str(workdir))
@@ -275,15 +260,12 @@ def test_nonfinite_skip_counts_and_goes_on(reference, tmp_path, monkeypatch):
   final = state_at(tmp_path, STEPS)
   assert int(final['skipped']) == 2 and int(final['step']) == STEPS
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(final))
-  acc = event_accumulator.EventAccumulator(str(tmp_path),
-                                           size_guidance={event_accumulator.TENSORS: 0})
-  acc.Reload()
-  skipped = {e.step: float(tf.make_ndarray(e.tensor_proto))
-             for e in acc.Tensors('train/skipped_steps')}
+  scalars = report.load_run(str(tmp_path)).scalars
+  skipped = dict(zip(*scalars['train/skipped_steps']))
   assert skipped == {10: 0.0, 20: 1.0, 30: 2.0, 40: 2.0}  # Counted, never reset.
   # The skipped steps' NaNs stay out of the interval averages.
   for tag in ('train/loss', 'train/top1', 'train/grad_norm'):
-    values = [float(tf.make_ndarray(e.tensor_proto)) for e in acc.Tensors(tag)]
+    values = scalars[tag][1]
     assert len(values) == 4 and np.isfinite(values).all(), (tag, values)
 
 
@@ -299,13 +281,20 @@ def test_nonfinite_step_leaves_params_and_optimizer_untouched(reference):
   with ocp.CheckpointManager(os.path.join(reference_dir, 'checkpoints')) as mngr:
     state = mngr.restore(24, args=ocp.args.StandardRestore(abstract))
   before = jax.device_get(state)  # The step donates state's buffers.
-  batch = next(input_pipeline.train_batches(config, start_step=24, local_batch_size=16,
+  batch = next(input_pipeline.train_batches(config, steps_per_epoch=s.steps_per_epoch,
+                                            start_step=24, local_batch_size=16,
                                             process_index=0, process_count=1))
   batch = {**batch, 'image': np.full_like(batch['image'], np.inf)}
   batch = jax.device_put(batch, NamedSharding(s.mesh, P('data')))
-  new, _, finite = train.jit_train_step(s)(state, batch)
+  new, finite = train.jit_train_step(s)(state, batch)
   assert not bool(finite)
   new = jax.device_get(new)
-  assert_same_state((new.params, new.batch_stats, new.opt_state),
-                    (before.params, before.batch_stats, before.opt_state))
+  counts = lambda state: [x for path, x in jax.tree_util.tree_leaves_with_path(state.opt_state)
+                          if getattr(path[-1], 'name', None) == 'count']
+  rest = lambda state: (state.params, state.batch_stats, jax.tree.map_with_path(
+      lambda path, x: None if getattr(path[-1], 'name', None) == 'count' else x,
+      state.opt_state))
+  assert_same_state(rest(new), rest(before))  # Momentum and parameters untouched.
+  # The update counters advance, so every schedule stays a function of the step.
+  assert counts(before) and [int(c) for c in counts(new)] == [int(c) + 1 for c in counts(before)]
   assert (int(new.step), int(new.skipped)) == (25, int(before.skipped) + 1)

@@ -5,18 +5,17 @@ import math
 
 import numpy as np
 import pytest
-from clu import metric_writers
 
-from bnfree_jax import report
+from bnfree_jax import logs, report
 
-FIGURES = ('loss', 'accuracy', 'grad_histograms', 'schedules', 'grad_norms')
+FIGURES = ('loss', 'accuracy', 'grad_histograms', 'grad_histogram_layer', 'schedules', 'grad_norms')
 
 
 def _write_run(run_dir, config, scalars, hists=()):
   """scalars: [(step, {tag: value})]; hists: [(step, {tag: samples})]."""
   run_dir.mkdir()
   (run_dir / 'config.json').write_text(json.dumps(config))
-  writer = metric_writers.SummaryWriter(str(run_dir))
+  writer = logs.Writer(str(run_dir))
   for step, values in scalars:
     writer.write_scalars(step, values)
   for step, arrays in hists:
@@ -61,9 +60,9 @@ def runs(tmp_path_factory):
   wn_config = {**_config(train_top1=74.7, val_top1=65.1), 'dataset': 'imagenet2012'}
   wn_dir = _write_run(root / 'r18_wn', wn_config, order, hists)
 
-  # No paper section, no train/epoch (cifar10 at batch 500: 100 steps per
-  # epoch), loss NaN at the end, minutes per epoch.
+  # No paper section, loss NaN at the end, minutes per epoch.
   bn = [(s, {'train/loss': loss, 'train/top1': 0.2 * s / 100, 'train/learning_rate': 0.1,
+             'train/epoch': s / 100,
              'train/grad_norm': 1.0, 'perf/seconds_per_epoch': sec,
              'perf/images_per_sec': 50.0, 'perf/peak_memory_gb': 7.0})
         for s, loss, sec in [(100, 2.3, 5000.0), (200, 2.0, 300.0), (300, 1.9, 330.0),
@@ -78,7 +77,7 @@ def runs(tmp_path_factory):
 
   # Just started: one train point, no eval, no histograms.
   new_dir = _write_run(root / 'r18_new', _config(train_top1=None, val_top1=64.7),
-                       [(10, {'train/loss': 6.9, 'train/top1': 0.001})])
+                       [(10, {'train/loss': 6.9, 'train/top1': 0.001, 'train/epoch': 0.1})])
   out = root / 'out' / 'nested'
   path = report.write_report([str(wn_dir), str(bn_dir), str(new_dir)], str(out))
   return dict(wn=wn_dir, bn=bn_dir, new=new_dir, out=out, path=path,
@@ -100,7 +99,7 @@ def test_load_run_reads_scalars_histograms_and_resumes(runs):
   step, hist = run.hists['grad_log10_magnitude/stage2'][0]
   assert step == 0 and hist.shape[1] == 3 and hist[:, 2].sum() == 2000
   bn = report.load_run(str(runs['bn']))
-  assert bn.steps_per_epoch == 100  # From cifar10's 50,000 / batch 500.
+  assert bn.steps_per_epoch == 100
   assert math.isnan(bn.scalars['train/loss'][1][-1])
 
 
@@ -146,6 +145,79 @@ def test_figures_are_pngs_linked_from_report(runs):
     data = (runs['out'] / f'{name}.png').read_bytes()
     assert data[:8] == b'\x89PNG\r\n\x1a\n' and len(data) > 1024, name
     assert f']({name}.png)' in runs['text']
+
+
+@pytest.fixture(scope='module')
+def figures(runs, tmp_path_factory):
+  """(wn run, bn run, their figures), the heatmaps of stage1 rather than the
+  default stage2."""
+  wn, bn = (report.load_run(str(runs[name])) for name in ('wn', 'bn'))
+  out = tmp_path_factory.mktemp('figures')
+  return wn, bn, report.write_figures([wn, bn], str(out), hist_stage='stage1')
+
+
+def test_heatmap_columns_are_the_logged_histograms_of_the_stage_asked_for(figures):
+  wn, bn, figs = figures
+  wn_ax, bn_ax = figs['grad_histograms'].axes[:2]
+  (mesh,) = wn_ax.collections
+  counts, corners = np.ma.getdata(mesh.get_array()), np.ma.getdata(mesh.get_coordinates())
+  logged = wn.hists['grad_log10_magnitude/stage1']
+  # A column per logged histogram, centred on its epoch (100 steps each) ...
+  x = corners[0, :, 0]
+  np.testing.assert_allclose((x[1:] + x[:-1]) / 2, [step / 100 for step, _ in logged])
+  # ... holding all its samples, spread over the common bins ...
+  np.testing.assert_allclose(counts.sum(axis=0), [h[:, 2].sum() for _, h in logged])
+  np.testing.assert_allclose(counts.sum(axis=0), 2000)
+  # ... of stage1 (mean -2 throughout), not stage2 (mean -3 + step / 400).
+  y = corners[:, 0, 1]
+  means = ((y[1:] + y[:-1]) / 2) @ counts / counts.sum(axis=0)
+  np.testing.assert_allclose(means, -2.0, atol=0.05)
+  assert not bn_ax.collections  # The BN run logged stage2 only, and says so.
+  assert [t.get_text() for t in bn_ax.texts] == ['no stage1 histograms\n(logged: stage2)']
+
+
+def test_curves_are_the_logged_points(figures):
+  wn, bn, figs = figures
+  (wn_val,), (bn_val,) = (
+      [line for line in figs['accuracy'].axes[1].lines if line.get_color() == color]
+      for color in ('C0', 'C1'))
+  # Epochs on x; the abandoned attempt's 99% at step 300 is not drawn.
+  np.testing.assert_allclose(wn_val.get_xdata(), [1, 2, 3, 4])
+  np.testing.assert_allclose(wn_val.get_ydata(), [40, 61.25, 58, 58.75], rtol=1e-6)
+  np.testing.assert_allclose(bn_val.get_ydata(), [25.0], rtol=1e-6)
+  bn_loss = figs['loss'].axes[0].lines[1]
+  np.testing.assert_allclose(bn_loss.get_xdata(), [1, 2, 3, 3.5])
+  np.testing.assert_allclose(bn_loss.get_ydata(), [2.3, 2.0, 1.9, np.nan], rtol=1e-6)  # A gap.
+
+  # The run's threshold, solid; the other log shape, dotted, per epoch; none
+  # for the BN run, which logged no threshold.
+  threshold = [5.0 * 10 ** (s / 400) for s in (100, 200, 300, 400)]
+  solid, dotted = figs['schedules'].axes[1].lines
+  assert (solid.get_linestyle(), dotted.get_linestyle()) == ('-', ':')
+  np.testing.assert_allclose(solid.get_ydata(), threshold, rtol=1e-6)
+  np.testing.assert_allclose(dotted.get_xdata(), [0, 1, 2, 3, 4])
+  np.testing.assert_allclose(dotted.get_ydata(), report._other_clip_shape(wn, 'epoch')[1])
+  norm, dashed, bn_norm = figs['grad_norms'].axes[0].lines
+  np.testing.assert_allclose(norm.get_ydata(), [8.0, 4.0, 8 / 3, 2.0], rtol=1e-6)
+  assert dashed.get_linestyle() == '--'
+  np.testing.assert_allclose(dashed.get_ydata(), threshold, rtol=1e-6)
+  assert bn_norm.get_color() == 'C1'
+
+
+@pytest.mark.parametrize('mode,want', [
+    # The run's 'log' (geometric) drawn against 5 + 45 ln(1 + epoch) / ln 4 ...
+    ('log', [5.0, 27.5, 5 + 45 * math.log(3) / math.log(4), 50.0, 50.0]),
+    # ... and a 'log_curve' run against 5 x 10^(epoch / 3).
+    ('log_curve', [5.0, 5 * 10 ** (1 / 3), 5 * 10 ** (2 / 3), 50.0, 50.0]),
+])
+def test_schedules_figure_draws_the_other_log_shape(runs, mode, want):
+  wn = report.load_run(str(runs['wn']))
+  run = wn._replace(config={**wn.config, 'grad_clip': {**wn.config['grad_clip'], 'mode': mode}})
+  x, threshold = report._other_clip_shape(run, 'epoch')
+  np.testing.assert_allclose(x, [0, 1, 2, 3, 4])  # Epoch starts, then the end.
+  np.testing.assert_allclose(threshold, want, rtol=1e-6)
+  np.testing.assert_allclose(report._other_clip_shape(run, 'step')[0], [0, 100, 200, 300, 400])
+  assert report._other_clip_shape(report.load_run(str(runs['bn'])), 'epoch') is None
 
 
 def test_main_prints_path_and_other_stage(runs, tmp_path, capsys):

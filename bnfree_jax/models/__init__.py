@@ -1,8 +1,27 @@
-"""ResNets with batch-, weight- or no normalization, and weight-norm utilities."""
+"""ResNets with batch-, weight- or no normalization, NF-ResNets, and weight-norm utilities."""
 
-from bnfree_jax.models.layers import Dropout, WNConv, data_dependent_init, weight_decay_mask
+from bnfree_jax.models import nf_resnet, resnet
+from bnfree_jax.models.layers import (
+    RELU_GAMMA,
+    DropPath,
+    Dropout,
+    WNConv,
+    WSConv,
+    data_dependent_init,
+    weight_decay_mask,
+)
+from bnfree_jax.models.nf_resnet import (
+    NFBasicBlock,
+    NFBottleneckBlock,
+    NFResNet,
+    NFResNet18,
+    NFResNet26,
+    NFResNet34,
+    NFResNet50,
+    NFResNet101,
+)
 from bnfree_jax.models.resnet import (
-    MODELS,
+    LAYERS,
     NORMS,
     STEMS,
     BasicBlock,
@@ -13,11 +32,32 @@ from bnfree_jax.models.resnet import (
     ResNet50,
     ResNet101,
     ResNet152,
-    create_model,
 )
 
+MODELS = {**resnet.MODELS, **nf_resnet.MODELS}
+
+
+def create_model(name: str, **kwargs) -> ResNet | NFResNet:
+  """MODELS[name.lower()](**kwargs).
+
+  drop_path_rate=0 is accepted, and dropped, for the ResNet family, which has
+  no stochastic depth, so that a trainer can pass the same kwargs to all.
+  """
+  key = name.lower()
+  if key not in MODELS:
+    raise ValueError(f'model {name!r} is not one of: {", ".join(MODELS)}')
+  if key in resnet.MODELS and 'drop_path_rate' in kwargs:
+    rate = kwargs.pop('drop_path_rate')
+    if rate != 0:
+      raise ValueError(f'drop_path_rate={rate!r} needs an nf_* model; {key} has no stochastic '
+                       'depth (allowed: 0.0)')
+  return MODELS[key](**kwargs)
+
+
 __all__ = [
-    'MODELS', 'NORMS', 'STEMS', 'BasicBlock', 'BottleneckBlock', 'Dropout', 'ResNet', 'ResNet18',
-    'ResNet34', 'ResNet50', 'ResNet101', 'ResNet152', 'WNConv', 'create_model',
-    'data_dependent_init', 'weight_decay_mask',
+    'LAYERS', 'MODELS', 'NORMS', 'RELU_GAMMA', 'STEMS', 'BasicBlock', 'BottleneckBlock', 'DropPath',
+    'Dropout', 'NFBasicBlock', 'NFBottleneckBlock', 'NFResNet', 'NFResNet18', 'NFResNet26',
+    'NFResNet34', 'NFResNet50', 'NFResNet101', 'ResNet', 'ResNet18', 'ResNet34', 'ResNet50',
+    'ResNet101', 'ResNet152', 'WNConv', 'WSConv', 'create_model', 'data_dependent_init',
+    'weight_decay_mask',
 ]

@@ -1,5 +1,6 @@
-"""Weight-normalized convolution (Salimans & Kingma 2016), its data-dependent init,
-and a cheaper dropout."""
+"""Weight-normalized (Salimans & Kingma 2016) and scaled weight-standardized
+(Brock et al. 2021) convolutions, the former's data-dependent init, a cheaper
+dropout, stochastic depth, and batch norm with per-device statistics."""
 
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -57,6 +58,51 @@ class WNConv(nn.Module):
     return y if bias is None else y + bias
 
 
+# The ReLU's gamma of Brock et al. 2021 (timm's _nonlin_gamma['relu']):
+# 1 / std(relu(z)) for z ~ N(0, 1).
+RELU_GAMMA = 1.7139588594436646
+
+
+class WSConv(nn.Module):
+  """2-D convolution with scaled weight standardization, as timm's ScaledStdConv2d.
+
+  kernel = gain * gamma * (w - mean) / sqrt(var + eps) / sqrt(fan_in), mean and
+  biased var per output channel over the fan-in (kh, kw, in). Standardized in
+  float32 from the params, in eval mode too. eps is timm's NF-net std_conv_eps
+  (1e-5), not ScaledStdConv2d's own 1e-6 default.
+  """
+
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] = (1, 1)
+  padding: str | Sequence[tuple[int, int]] = 'SAME'
+  gamma: float = 1.0
+  eps: float = 1e-5
+  gain_init: float = 1.0
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  # timm's kaiming_normal_(mode='fan_in', nonlinearity='linear'): N(0, 1 / fan_in).
+  kernel_init: Callable = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    w = self.param('kernel', self.kernel_init,
+                   (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    gain = self.param('gain', nn.initializers.constant(self.gain_init), (self.features,),
+                      self.param_dtype)
+    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+    fan_in = w.shape[0] * w.shape[1] * w.shape[2]
+    mean = jnp.mean(w, axis=(0, 1, 2))
+    var = jnp.var(w, axis=(0, 1, 2))
+    kernel = (w - mean) * (lax.rsqrt(var + self.eps) * gain * (self.gamma * fan_in**-0.5))
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = lax.conv_general_dilated(
+        x, kernel, window_strides=tuple(self.strides), padding=self.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y + bias
+
+
 class Dropout(nn.Module):
   """nn.Dropout with a mask from 16-bit uniforms, two per 32-bit random draw.
 
@@ -83,6 +129,82 @@ class Dropout(nn.Module):
     u16 = lax.bitcast_convert_type(pairs, jnp.uint16).reshape(*lead, -1)[..., :channels]
     kept = u16 <= jnp.uint16(round(keep * 65536) - 1)
     return lax.select(kept, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
+class GroupedBatchNorm(nn.Module):
+  """nn.BatchNorm over the last axis whose training statistics are per group:
+  the batch (B, ...) is split into num_groups consecutive slices of B / num_groups
+  and each slice is normalized with its own mean and variance.
+
+  With the batch sharded over num_groups devices (jit over a mesh), each
+  device normalizes its own shard with its own statistics and no
+  cross-device reduction enters the output: what PyTorch's DataParallel and
+  DistributedDataParallel compute (without SyncBatchNorm), so what the paper's
+  BN baseline saw. Variables have nn.BatchNorm's names and shapes (params
+  scale, bias; batch_stats mean, var) and the same update, running =
+  momentum * running + (1 - momentum) * batch statistic, with the biased
+  variance; eval mode is nn.BatchNorm's.
+
+  In DDP each replica keeps its own running statistics and rank 0's are saved.
+  Here the running statistics are one replicated array, updated with the
+  mean over groups of each group's statistics: every device's data counts,
+  the result does not depend on which device comes first, and it estimates
+  the same quantity as rank 0's with num_groups times less noise. That mean
+  is one small all-reduce of (C,) values per layer, outside the forward pass.
+  """
+
+  num_groups: int
+  use_running_average: bool = False
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = (x.shape[-1],)
+    ra_mean = self.variable('batch_stats', 'mean', lambda: jnp.zeros(features, jnp.float32))
+    ra_var = self.variable('batch_stats', 'var', lambda: jnp.ones(features, jnp.float32))
+    scale = self.param('scale', nn.initializers.ones, features, self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, features, self.param_dtype)
+    dtype = nn.dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
+
+    if self.use_running_average:
+      mean, var, y = ra_mean.value, ra_var.value, x
+    else:
+      if x.shape[0] % self.num_groups:
+        raise ValueError(f'GroupedBatchNorm: batch {x.shape[0]} is not divisible by '
+                         f'num_groups={self.num_groups}')
+      y = x.reshape(self.num_groups, -1, *x.shape[1:])
+      # Statistics in at least float32, E[x^2] - E[x]^2, as nn.BatchNorm.
+      xf = y.astype(jnp.promote_types(x.dtype, jnp.float32))
+      axes = tuple(range(1, y.ndim - 1))
+      mean = xf.mean(axes, keepdims=True)
+      var = jnp.maximum(0.0, jnp.square(xf).mean(axes, keepdims=True) - jnp.square(mean))
+      if not self.is_initializing():
+        m = self.momentum
+        ra_mean.value = m * ra_mean.value + (1 - m) * mean.reshape(-1, *features).mean(0)
+        ra_var.value = m * ra_var.value + (1 - m) * var.reshape(-1, *features).mean(0)
+    y = (y - mean) * (lax.rsqrt(var + self.epsilon) * scale) + bias
+    return jnp.asarray(y.reshape(x.shape), dtype)
+
+
+class DropPath(nn.Module):
+  """Stochastic depth as timm's DropPath: each example's input zeroed with
+  probability `rate`, kept ones scaled by 1 / (1 - rate); the mask is drawn
+  from the 'dropout' rng."""
+
+  rate: float
+  deterministic: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    kept = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return lax.select(jnp.broadcast_to(kept, x.shape), x / jnp.asarray(keep, x.dtype),
+                      jnp.zeros_like(x))
 
 
 def data_dependent_init(model: nn.Module, variables: Any, batch: jax.Array,
@@ -135,6 +257,8 @@ def data_dependent_init(model: nn.Module, variables: Any, batch: jax.Array,
 
 
 def weight_decay_mask(params: Any) -> Any:
-  """True for conv and dense kernels (`kernel`, `v`); False for gains, biases and BN affines."""
+  """True for conv and dense kernels (`kernel`, WNConv's `v`); False for gains
+  (WNConv's `g`, WSConv's `gain`), biases and BN affines, as NFNets decay only
+  the weights."""
   return flax.traverse_util.path_aware_map(
       lambda path, _: path[-1] in ('kernel', 'v'), flax.core.unfreeze(params))

@@ -12,9 +12,29 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnfree_jax.models.layers import HE_INIT, Dropout, WNConv
+from bnfree_jax.models.layers import HE_INIT, Dropout, GroupedBatchNorm, WNConv
 
-NORMS = ('batch', 'weight', 'none')
+# A flax layer constructor: functools.partial of a module class, called with name=.
+ModuleDef = Any
+
+# norm -> (conv, norm layer or None) for (dtype, train, bn_groups): a new kind is
+# one entry here.
+LAYERS = {
+    # Under BN a conv bias is redundant (torchvision has none). torchvision's momentum
+    # 0.1 weighs the new batch; flax's weighs the running mean. bn_groups > 1:
+    # statistics per device (DDP's), else over the global batch (synchronized BN).
+    'batch': lambda dtype, train, bn_groups: (
+        functools.partial(nn.Conv, use_bias=False, kernel_init=HE_INIT, dtype=dtype),
+        functools.partial(GroupedBatchNorm, num_groups=bn_groups, use_running_average=not train,
+                          momentum=0.9, epsilon=1e-5, dtype=dtype) if bn_groups > 1 else
+        functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
+                          epsilon=1e-5, dtype=dtype)),
+    'weight': lambda dtype, train, bn_groups: (
+        functools.partial(WNConv, kernel_init=HE_INIT, dtype=dtype), None),
+    'none': lambda dtype, train, bn_groups: (
+        functools.partial(nn.Conv, use_bias=True, kernel_init=HE_INIT, dtype=dtype), None),
+}
+NORMS = tuple(LAYERS)
 STEMS = ('imagenet', 'small')
 
 
@@ -23,24 +43,41 @@ def _pad(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return ((kernel // 2, kernel // 2),) * 2
 
 
+def square_conv(conv: ModuleDef, features: int, kernel: int, strides: int,
+                name: str) -> nn.Module:
+  """conv with a kernel x kernel window, square strides and torch-style padding."""
+  return conv(features=features, kernel_size=(kernel, kernel), strides=(strides, strides),
+              padding=_pad(kernel), name=name)
+
+
+def check_arguments(stem: str, width: int, dropout_rate: float) -> None:
+  """ValueError for a stem, width or dropout_rate that no model takes."""
+  if stem not in STEMS:
+    raise ValueError(f'stem={stem!r} is not one of: {", ".join(STEMS)}')
+  if not (isinstance(width, int) and width > 0):
+    raise ValueError(f'width={width!r} must be a positive integer')
+  if not 0 <= dropout_rate < 1:
+    raise ValueError(f'dropout_rate={dropout_rate!r} must be in [0, 1)')
+
+
 class _Block(nn.Module):
   features: int
+  conv: ModuleDef
+  norm: ModuleDef | None
   strides: int = 1
-  norm: str = 'batch'
   dropout_rate: float = 0.0
-  dtype: Any = jnp.float32
 
-  def conv(self, features: int, kernel: int, strides: int, name: str) -> nn.Module:
-    return _conv(self.norm, self.dtype, features, kernel, strides, name)
+  def conv_layer(self, features: int, kernel: int, strides: int, name: str) -> nn.Module:
+    return square_conv(self.conv, features, kernel, strides, name)
 
-  def normalize(self, y: jax.Array, name: str, train: bool) -> jax.Array:
-    return _batch_norm(self.norm, self.dtype, name, train)(y)
+  def normalize(self, y: jax.Array, name: str) -> jax.Array:
+    return y if self.norm is None else self.norm(name=name)(y)
 
-  def shortcut(self, x: jax.Array, out_features: int, train: bool) -> jax.Array:
+  def shortcut(self, x: jax.Array, out_features: int) -> jax.Array:
     if x.shape[-1] == out_features and self.strides == 1:
       return x
-    x = self.conv(out_features, 1, self.strides, 'proj_conv')(x)
-    return self.normalize(x, 'proj_norm', train)
+    x = self.conv_layer(out_features, 1, self.strides, 'proj_conv')(x)
+    return self.normalize(x, 'proj_norm')
 
   def drop(self, y: jax.Array, train: bool) -> jax.Array:
     return Dropout(self.dropout_rate, deterministic=not train)(y)
@@ -51,11 +88,11 @@ class BasicBlock(_Block):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = self.conv(self.features, 3, self.strides, 'conv1')(x)
-    y = self.drop(nn.relu(self.normalize(y, 'norm1', train)), train)
-    y = self.conv(self.features, 3, 1, 'conv2')(y)
-    y = self.normalize(y, 'norm2', train)
-    return nn.relu(y + self.shortcut(x, self.features, train))
+    y = self.conv_layer(self.features, 3, self.strides, 'conv1')(x)
+    y = self.drop(nn.relu(self.normalize(y, 'norm1')), train)
+    y = self.conv_layer(self.features, 3, 1, 'conv2')(y)
+    y = self.normalize(y, 'norm2')
+    return nn.relu(y + self.shortcut(x, self.features))
 
 
 class BottleneckBlock(_Block):
@@ -63,31 +100,13 @@ class BottleneckBlock(_Block):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = self.conv(self.features, 1, 1, 'conv1')(x)
-    y = self.drop(nn.relu(self.normalize(y, 'norm1', train)), train)
-    y = self.conv(self.features, 3, self.strides, 'conv2')(y)
-    y = self.drop(nn.relu(self.normalize(y, 'norm2', train)), train)
-    y = self.conv(self.features * 4, 1, 1, 'conv3')(y)
-    y = self.normalize(y, 'norm3', train)
-    return nn.relu(y + self.shortcut(x, self.features * 4, train))
-
-
-def _conv(norm: str, dtype: Any, features: int, kernel: int, strides: int,
-          name: str) -> nn.Module:
-  kwargs = dict(features=features, kernel_size=(kernel, kernel), strides=(strides, strides),
-                padding=_pad(kernel), kernel_init=HE_INIT, dtype=dtype, name=name)
-  if norm == 'weight':
-    return WNConv(**kwargs)
-  # Under BN a conv bias is redundant (torchvision has none).
-  return nn.Conv(use_bias=norm == 'none', **kwargs)
-
-
-def _batch_norm(norm: str, dtype: Any, name: str, train: bool):
-  if norm != 'batch':
-    return lambda y: y
-  # torchvision's momentum 0.1 weighs the new batch; flax's weighs the running mean.
-  return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                      dtype=dtype, name=name)
+    y = self.conv_layer(self.features, 1, 1, 'conv1')(x)
+    y = self.drop(nn.relu(self.normalize(y, 'norm1')), train)
+    y = self.conv_layer(self.features, 3, self.strides, 'conv2')(y)
+    y = self.drop(nn.relu(self.normalize(y, 'norm2')), train)
+    y = self.conv_layer(self.features * 4, 1, 1, 'conv3')(y)
+    y = self.normalize(y, 'norm3')
+    return nn.relu(y + self.shortcut(x, self.features * 4))
 
 
 class ResNet(nn.Module):
@@ -106,23 +125,25 @@ class ResNet(nn.Module):
   stem: str = 'imagenet'
   remat: bool = False
   dtype: Any = jnp.float32
+  head_dropout_rate: float | None = None  # Before the classifier; None: dropout_rate.
+  bn_groups: int = 1  # norm='batch': batch statistics per this many slices (devices).
 
   def __post_init__(self):
     if self.norm not in NORMS:
       raise ValueError(f'norm={self.norm!r} is not one of: {", ".join(NORMS)}')
-    if self.stem not in STEMS:
-      raise ValueError(f'stem={self.stem!r} is not one of: {", ".join(STEMS)}')
-    if not (isinstance(self.width, int) and self.width > 0):
-      raise ValueError(f'width={self.width!r} must be a positive integer')
-    if not 0 <= self.dropout_rate < 1:
-      raise ValueError(f'dropout_rate={self.dropout_rate!r} must be in [0, 1)')
+    check_arguments(self.stem, self.width, self.dropout_rate)
+    if self.head_dropout_rate is not None and not 0 <= self.head_dropout_rate < 1:
+      raise ValueError(f'head_dropout_rate={self.head_dropout_rate!r} must be in [0, 1)')
+    if not (isinstance(self.bn_groups, int) and self.bn_groups > 0):
+      raise ValueError(f'bn_groups={self.bn_groups!r} must be a positive integer')
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    conv, norm = LAYERS[self.norm](self.dtype, train, self.bn_groups)
     kernel, strides = (7, 2) if self.stem == 'imagenet' else (3, 1)
-    x = _conv(self.norm, self.dtype, self.width, kernel, strides, 'stem_conv')(x)
-    x = nn.relu(_batch_norm(self.norm, self.dtype, 'stem_norm', train)(x))
+    x = square_conv(conv, self.width, kernel, strides, 'stem_conv')(x)
+    x = nn.relu(x if norm is None else norm(name='stem_norm')(x))
     if self.stem == 'imagenet':
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
 
@@ -131,12 +152,13 @@ class ResNet(nn.Module):
     block_cls = nn.remat(self.block_cls, static_argnums=(2,)) if self.remat else self.block_cls
     for i, size in enumerate(self.stage_sizes):
       for j in range(size):
-        x = block_cls(features=self.width * 2**i, strides=2 if i > 0 and j == 0 else 1,
-                      norm=self.norm, dropout_rate=self.dropout_rate, dtype=self.dtype,
+        x = block_cls(features=self.width * 2**i, conv=conv, norm=norm,
+                      strides=2 if i > 0 and j == 0 else 1, dropout_rate=self.dropout_rate,
                       name=f'stage{i + 1}_block{j}')(x, train)
 
     x = jnp.mean(x, axis=(1, 2))
-    x = Dropout(self.dropout_rate, deterministic=not train)(x)
+    head_rate = self.dropout_rate if self.head_dropout_rate is None else self.head_dropout_rate
+    x = Dropout(head_rate, deterministic=not train)(x)
     # torchvision's nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head',
                  kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'))(x)
@@ -152,9 +174,3 @@ ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=Bottl
 MODELS = {'resnet18': ResNet18, 'resnet34': ResNet34, 'resnet50': ResNet50,
           'resnet101': ResNet101, 'resnet152': ResNet152}
 
-
-def create_model(name: str, **kwargs) -> ResNet:
-  """MODELS[name.lower()](**kwargs)."""
-  if name.lower() not in MODELS:
-    raise ValueError(f'model {name!r} is not one of: {", ".join(MODELS)}')
-  return MODELS[name.lower()](**kwargs)

@@ -1,6 +1,7 @@
 """Every row of the paper's Tables 1-6 (and Fig. 3a) as a config; common.py
-says how the paper's unstated details are read, and how the ':small' and
-':tiny' twins are made. A run that appears in several tables has one file:
+says how the paper's unstated details are read, and how the ':small',
+':lowdata' and ':tiny' twins are made. A run that appears in several tables
+has one file:
 
   Table 1  ResNet-18 (batch normalized)             t1_bn  (= BN row of Tables 2, 4, 5, 6)
            + constant gradient clipping threshold   t1_constant_clip
@@ -21,6 +22,7 @@ says how the paper's unstated details are read, and how the ':small' and
            non-BN, warm-up                          t6_r34_wn_warmup, t6_r50_wn_warmup
   Fig. 3a  no normalization at all, LR 1e-5         f3_unnormalized
 
-All of them at small scale, one after another:
+All of them at small scale, one after another (:lowdata for the 6000-example
+twins):
   python -m launch.sweep --workdir runs/paper_small $(ls configs/paper/[tf]*.py | sed 's/$/:small/')
 """

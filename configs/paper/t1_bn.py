@@ -5,7 +5,7 @@ run is the "batch normalized" row of Tables 2, 4, 5 and 6 and Fig. 3b.
   python -m bnfree_jax.main --config configs/paper/t1_bn.py \
       --workdir runs/paper/t1_bn
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common

@@ -6,7 +6,7 @@ over 90 epochs. Paper: 70.50 train / 58.2 validation top-1.
   python -m bnfree_jax.main --config configs/paper/t1_constant_clip.py \
       --workdir runs/paper/t1_constant_clip
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common

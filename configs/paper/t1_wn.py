@@ -5,7 +5,7 @@ decreasing linearly over 90 epochs. Paper: 71.01 train / 58.5 validation top-1.
   python -m bnfree_jax.main --config configs/paper/t1_wn.py \
       --workdir runs/paper/t1_wn
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common

@@ -6,7 +6,7 @@ train / 59.7 validation top-1.
   python -m bnfree_jax.main --config configs/paper/t4_cyclic_lr0p001.py \
       --workdir runs/paper/t4_cyclic_lr0p001
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common
@@ -14,7 +14,7 @@ from configs.paper import common
 
 def get_config(arg=None):
   return common.recipe(
-      arg, norm='weight', lr=0.001, schedule='cyclic', clip='log', clip_from=5.0,
+      arg, norm='weight', lr=0.001, schedule='cyclic', clip='adaptive', clip_from=5.0,
       dropout=True,
       paper=dict(
           table='4',

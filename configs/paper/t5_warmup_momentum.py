@@ -8,7 +8,7 @@ warm-up row.
   python -m bnfree_jax.main --config configs/paper/t5_warmup_momentum.py \
       --workdir runs/paper/t5_warmup_momentum
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common
@@ -16,7 +16,7 @@ from configs.paper import common
 
 def get_config(arg=None):
   return common.recipe(
-      arg, norm='weight', schedule='warmup', clip='log', clip_from=5.0,
+      arg, norm='weight', schedule='warmup', clip='adaptive', clip_from=5.0,
       dropout=True, epochs=120,
       paper=dict(
           table='5',

@@ -4,7 +4,7 @@
   python -m bnfree_jax.main --config configs/paper/t6_r34_bn.py \
       --workdir runs/paper/t6_r34_bn
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common

@@ -6,7 +6,7 @@ dropout 0.1, LR 0.01 decreasing linearly over 90 epochs. Paper: 75.5 train /
   python -m bnfree_jax.main --config configs/paper/t6_r34_wn_monotonic.py \
       --workdir runs/paper/t6_r34_wn_monotonic
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common
@@ -14,7 +14,7 @@ from configs.paper import common
 
 def get_config(arg=None):
   return common.recipe(
-      arg, model='resnet34', norm='weight', lr=0.01, clip='log', clip_from=5.0,
+      arg, model='resnet34', norm='weight', lr=0.01, clip='adaptive', clip_from=5.0,
       dropout=True,
       paper=dict(
           table='6',

@@ -6,7 +6,7 @@ dropout 0.1, LR 0.01 decreasing linearly over 90 epochs. Paper: 82.4 train /
   python -m bnfree_jax.main --config configs/paper/t6_r50_wn_monotonic.py \
       --workdir runs/paper/t6_r50_wn_monotonic
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common
@@ -14,7 +14,7 @@ from configs.paper import common
 
 def get_config(arg=None):
   return common.recipe(
-      arg, model='resnet50', norm='weight', lr=0.01, clip='log', clip_from=5.0,
+      arg, model='resnet50', norm='weight', lr=0.01, clip='adaptive', clip_from=5.0,
       dropout=True,
       paper=dict(
           table='6',

@@ -6,7 +6,7 @@ validation top-1.
   python -m bnfree_jax.main --config configs/paper/t6_r50_wn_warmup.py \
       --workdir runs/paper/t6_r50_wn_warmup
 
-Append :small to the config for its Fashion-MNIST twin (common.py).
+Append :small or :lowdata for its Fashion-MNIST twins (common.py).
 """
 
 from configs.paper import common
@@ -14,7 +14,7 @@ from configs.paper import common
 
 def get_config(arg=None):
   return common.recipe(
-      arg, model='resnet50', norm='weight', schedule='warmup', clip='log',
+      arg, model='resnet50', norm='weight', schedule='warmup', clip='adaptive',
       clip_from=5.0, dropout=True, epochs=120,
       paper=dict(
           table='6',

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnfree_jax.models import Dropout, ResNet18, WNConv, data_dependent_init
+from bnfree_jax.models import (RELU_GAMMA, DropPath, Dropout, ResNet18, WNConv, WSConv,
+                               data_dependent_init)
+from bnfree_jax.models.layers import GroupedBatchNorm
 
 
 RNG = np.random.default_rng(0)
@@ -147,8 +149,10 @@ def test_dropout_keeps_and_scales_like_flax(dropped):
     assert abs(mask.mean() - 0.9) < 4 * np.sqrt(0.09 / n), mask.mean()
   # Both halves of every 32-bit draw are used, not correlated: channel pairs
   # (2k, 2k+1) come from one draw and are kept together as often as chance says.
-  both = (kept[..., 0:64:2] & kept[..., 1:64:2]).mean()
-  assert abs(both - 0.81) < 4 * np.sqrt(0.81 * 0.19 / (n / 130)), both
+  both = kept[..., 0:64:2] & kept[..., 1:64:2]
+  # 4 standard deviations of the mean of both.size Bernoulli(0.81) pairs
+  # (0.0043; this key lands 0.8 of one off).
+  assert abs(both.mean() - 0.81) < 4 * np.sqrt(0.81 * 0.19 / both.size), both.mean()
 
 
 def test_dropout_off_is_identity_and_keys_differ():
@@ -167,3 +171,145 @@ def test_dropout_mask_independent_of_sharding(dropped):
   sharded = jax.device_put(x, NamedSharding(mesh, P('data')))
   apply = jax.jit(lambda x: Dropout(0.1).apply({}, x, rngs={'dropout': jax.random.key(1)}))
   np.testing.assert_array_equal(apply(sharded), ours)
+
+
+# As the ResNet's BN: flax momentum 0.9 is torchvision's 0.1.
+BN = dict(momentum=0.9, epsilon=1e-5)
+
+
+@pytest.fixture(scope='module')
+def bn_case():
+  """x of 4 shards with different means and scales, and BN variables."""
+  x = _normal(8, 3, 3, 5) * jnp.repeat(jnp.arange(1.0, 5.0), 2)[:, None, None, None]
+  x = x + jnp.repeat(jnp.arange(4.0), 2)[:, None, None, None]
+  variables = {'params': {'scale': _normal(5), 'bias': _normal(5)},
+               'batch_stats': {'mean': _normal(5), 'var': jnp.exp(_normal(5))}}
+  return x, variables
+
+
+def _flax_bn_per_shard(x, variables, groups):
+  outs, stats = [], []
+  for shard in jnp.split(x, groups):
+    y, new = nn.BatchNorm(use_running_average=False, **BN).apply(
+        variables, shard, mutable=['batch_stats'])
+    outs.append(y)
+    stats.append(new['batch_stats'])
+  return jnp.concatenate(outs), jax.tree.map(lambda *s: jnp.mean(jnp.stack(s), 0), *stats)
+
+
+@pytest.mark.parametrize('groups', [1, 2, 4])
+def test_grouped_batch_norm_equals_batch_norm_per_shard(bn_case, groups):
+  x, variables = bn_case
+  y, new = GroupedBatchNorm(groups, **BN).apply(variables, x, mutable=['batch_stats'])
+  want_y, want_stats = _flax_bn_per_shard(x, variables, groups)
+  np.testing.assert_allclose(y, want_y, atol=1e-6)
+  # Running statistics: the mean over shards of what each shard's BN would store.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6),
+               new['batch_stats'], want_stats)
+  if groups > 1:  # Per-shard statistics are not the batch's.
+    assert np.abs(y - _flax_bn_per_shard(x, variables, 1)[0]).max() > 0.1
+
+
+def test_grouped_batch_norm_eval_and_variables_match_batch_norm(bn_case):
+  x, variables = bn_case
+  ours = GroupedBatchNorm(4, use_running_average=True, **BN)
+  theirs = nn.BatchNorm(use_running_average=True, **BN)
+  np.testing.assert_allclose(ours.apply(variables, x), theirs.apply(variables, x), atol=1e-6)
+  init = [jax.tree.map(np.asarray, m.init(KEY, x)) for m in (ours, theirs)]
+  jax.tree.map(np.testing.assert_array_equal, *init)
+  y = GroupedBatchNorm(4, use_running_average=True, dtype=jnp.bfloat16).apply(variables, x)
+  assert y.dtype == jnp.bfloat16
+
+
+def test_grouped_batch_norm_sharded_needs_no_cross_device_reduction(bn_case):
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  x, variables = bn_case
+  mesh = jax.make_mesh((4,), ('data',))
+  sharded = jax.device_put(x, NamedSharding(mesh, P('data')))
+  def hlo(module):
+    forward = jax.jit(lambda x: module.apply(variables, x, mutable=['batch_stats'])[0])
+    return forward(sharded), forward.lower(sharded).compile().as_text()
+
+  y, text = hlo(GroupedBatchNorm(4, **BN))
+  np.testing.assert_allclose(y, _flax_bn_per_shard(x, variables, 4)[0], atol=1e-6)
+  assert 'all-reduce' not in text
+  assert 'all-reduce' in hlo(nn.BatchNorm(use_running_average=False, **BN))[1]
+
+
+def test_grouped_batch_norm_rejects_uneven_groups(bn_case):
+  x, variables = bn_case
+  with pytest.raises(ValueError, match='batch 8 is not divisible by num_groups=3'):
+    GroupedBatchNorm(3, **BN).apply(variables, x, mutable=['batch_stats'])
+
+
+def _timm_scaled_std_kernel(w_hwio, gain, gamma, eps):
+  """timm's ScaledStdConv2d weight in float64 numpy, from its OIHW view: F.batch_norm
+  over (1, O, I*kh*kw) with weight gain * gamma / sqrt(fan_in), biased variance."""
+  w = np.asarray(w_hwio, np.float64).transpose(3, 2, 0, 1)
+  flat = w.reshape(w.shape[0], -1)
+  scale = gamma * flat.shape[1] ** -0.5
+  mean, var = flat.mean(axis=1, keepdims=True), flat.var(axis=1, keepdims=True)
+  std = (flat - mean) / np.sqrt(var + eps) * (np.asarray(gain, np.float64)[:, None] * scale)
+  return std.reshape(w.shape).transpose(2, 3, 1, 0)
+
+
+@pytest.mark.parametrize('kernel,strides', [(3, 2), (1, 1)])
+def test_wsconv_matches_timm_scaled_std_conv(kernel, strides):
+  w, bias, x = _normal(kernel, kernel, 6, 5) + 0.1, _normal(5), _normal(2, 9, 9, 6)
+  gain = jnp.asarray(RNG.uniform(0.5, 2.0, size=5), jnp.float32)
+  padding = ((kernel // 2, kernel // 2),) * 2
+  conv = WSConv(5, (kernel, kernel), strides=(strides, strides), padding=padding,
+                gamma=RELU_GAMMA)
+  # At 1e-3 the weight's variance (~1e-6) is below eps, which then sets the scale.
+  for scale in (1.0, 1e-3):
+    y = conv.apply({'params': {'kernel': w * scale, 'gain': gain, 'bias': bias}}, x)
+    reference = _timm_scaled_std_kernel(w * scale, gain, RELU_GAMMA, 1e-5)
+    expected = _explicit_conv(x, jnp.asarray(reference, jnp.float32), bias, (strides, strides),
+                              padding)
+    side = -(-9 // strides)
+    assert y.shape == expected.shape == (2, side, side, 5)
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-5, err_msg=f'scale {scale}')
+  # Invariant to an affine change of the raw weight (up to eps, small beside var ~ 1).
+  y = conv.apply({'params': {'kernel': w, 'gain': gain, 'bias': bias}}, x)
+  shifted = {'kernel': w * 3.0 - 0.7, 'gain': gain, 'bias': bias}
+  np.testing.assert_allclose(conv.apply({'params': shifted}, x), y, rtol=1e-4, atol=1e-4)
+
+
+def test_wsconv_init_as_timm():
+  x = _normal(2, 6, 6, 64)
+  params = WSConv(128, (3, 3)).init(KEY, x)['params']
+  assert set(params) == {'kernel', 'gain', 'bias'}
+  assert params['kernel'].shape == (3, 3, 64, 128) and params['gain'].shape == (128,)
+  # kaiming_normal_(mode='fan_in', nonlinearity='linear'): std 1 / sqrt(3 * 3 * 64).
+  assert float(jnp.std(params['kernel'])) == pytest.approx(1 / 24, rel=0.01)
+  np.testing.assert_array_equal(params['gain'], 1)
+  np.testing.assert_array_equal(params['bias'], 0)
+  zero = WSConv(4, (1, 1), gain_init=0.0)
+  y, variables = zero.init_with_output(KEY, x)
+  np.testing.assert_array_equal(variables['params']['gain'], 0)
+  np.testing.assert_array_equal(y, 0)
+
+
+def test_wsconv_bfloat16_compute_keeps_float32_params():
+  x = _normal(2, 6, 6, 3)
+  conv = WSConv(4, (3, 3), dtype=jnp.bfloat16)
+  params = conv.init(KEY, x)['params']
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  y = conv.apply({'params': params}, x)
+  assert y.dtype == jnp.bfloat16
+  np.testing.assert_allclose(y.astype(jnp.float32), WSConv(4, (3, 3)).apply({'params': params}, x),
+                             rtol=0.05, atol=0.05)
+
+
+def test_drop_path_drops_whole_examples():
+  x = jnp.ones((4096, 3, 3, 2))
+  y = np.asarray(DropPath(0.25).apply({}, x, rngs={'dropout': jax.random.key(0)}))
+  per_example = y.reshape(len(y), -1)
+  assert set(np.unique(per_example)) == {0.0, np.float32(1 / 0.75)}
+  assert np.all(per_example == per_example[:, :1])  # one decision per example
+  kept = per_example[:, 0] != 0
+  assert abs(kept.mean() - 0.75) < 4 * np.sqrt(0.75 * 0.25 / len(kept))
+  again = DropPath(0.25).apply({}, x, rngs={'dropout': jax.random.key(0)})
+  np.testing.assert_array_equal(again, y)
+  assert DropPath(0.25, deterministic=True).apply({}, x) is x
+  assert DropPath(0.0).apply({}, x) is x

@@ -7,8 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from bnfree_jax.models import (MODELS, NORMS, BottleneckBlock, ResNet, ResNet18, ResNet50,
-                               create_model, weight_decay_mask)
+from bnfree_jax.models import (MODELS, NORMS, BasicBlock, BottleneckBlock, ResNet, ResNet18,
+                               ResNet50, create_model, weight_decay_mask)
 
 # Random-number code dominates XLA's CPU compile of these tiny nets: unsafe_rbg keys
 # compile ~4x faster than threefry, and each model's init is compiled once for all tests.
@@ -57,11 +57,26 @@ def _step(model):
   return run
 
 
-@pytest.mark.parametrize('name,expected', [('resnet18', 11_689_512), ('resnet50', 25_557_032)])
-def test_parameter_count_matches_torchvision(name, expected):
-  variables = _abstract_variables(create_model(name, norm='batch'), jnp.zeros((1, 224, 224, 3)))
-  assert sum(p.size for p in jax.tree.leaves(variables['params'])) == expected
-  assert set(variables) == {'params', 'batch_stats'}
+TORCHVISION_PARAMS = {'resnet18': 11_689_512, 'resnet34': 21_797_672, 'resnet50': 25_557_032,
+                      'resnet101': 44_549_160, 'resnet152': 60_192_808}
+
+
+@pytest.mark.parametrize('name', TORCHVISION_PARAMS)
+def test_parameter_count_matches_torchvision(name):
+  """Parameter counts do not depend on the image size: 32 px keeps tracing short."""
+  x = jnp.zeros((1, 32, 32, 3))
+  count = lambda variables: sum(p.size for p in jax.tree.leaves(variables['params']))
+  bn = _abstract_variables(create_model(name, norm='batch'), x)
+  assert count(bn) == TORCHVISION_PARAMS[name]
+  assert set(bn) == {'params', 'batch_stats'}
+  # Weight norm's g and bias replace BN's scale and bias one for one; without
+  # any norm a conv keeps only a bias, one parameter per BN channel less.
+  bn_channels = sum(p.size for path, p in flax.traverse_util.flatten_dict(bn['params']).items()
+                    if path[-1] == 'scale')
+  weight = _abstract_variables(create_model(name, norm='weight'), x)
+  assert count(weight) == TORCHVISION_PARAMS[name]
+  assert count(_abstract_variables(create_model(name, norm='none'), x)) == (
+      TORCHVISION_PARAMS[name] - bn_channels)
 
 
 @pytest.mark.parametrize('norm', NORMS)
@@ -89,13 +104,32 @@ def test_module_names_and_feature_map_shapes(norm):
 
 
 def test_bottleneck_uses_stride_on_3x3_and_expands_by_4():
-  params = _abstract_variables(ResNet50(norm='batch', width=8), jnp.zeros((1, 64, 64, 3)))['params']
+  model = ResNet50(norm='batch', width=8)
+  x = jnp.zeros((1, 64, 64, 3))
+  params = _abstract_variables(model, x)['params']
   block = params['stage2_block0']
   assert block['conv1']['kernel'].shape == (1, 1, 32, 16)
   assert block['conv2']['kernel'].shape == (3, 3, 16, 16)
   assert block['conv3']['kernel'].shape == (1, 1, 16, 64)
   assert block['proj_conv']['kernel'].shape == (1, 1, 32, 64)
   assert params['stage1_block0']['proj_conv']['kernel'].shape == (1, 1, 8, 32)
+
+  # The kernels are the same in v1 and v1.5; where the stride sits shows in the
+  # feature maps: the 1x1 reduction keeps the stage's 16x16 input (v1 would
+  # halve it there), the 3x3 halves it, and the expansion quadruples the width.
+  _, state = jax.eval_shape(lambda: model.apply(
+      model.init(KEY(0), x, train=False), x, train=False, mutable=['intermediates'],
+      capture_intermediates=lambda mdl, method: method == '__call__'))
+  shapes = {path[:-1]: out[0].shape for path, out in
+            flax.traverse_util.flatten_dict(state['intermediates']).items()}
+  assert shapes[('stage1_block2',)] == (1, 16, 16, 32)
+  assert shapes[('stage2_block0', 'conv1')] == (1, 16, 16, 16)
+  assert shapes[('stage2_block0', 'conv2')] == (1, 8, 8, 16)
+  assert shapes[('stage2_block0', 'conv3')] == (1, 8, 8, 64)
+  assert shapes[('stage2_block0', 'proj_conv')] == (1, 8, 8, 64)
+  # Inside a stage no block strides: its 3x3 keeps the size.
+  assert shapes[('stage2_block1', 'conv2')] == (1, 8, 8, 16)
+  assert shapes[('stage4_block2',)] == (1, 2, 2, 256)
 
 
 def _check_step(out, params):
@@ -132,6 +166,123 @@ def test_forward_backward(name, norm):
   np.testing.assert_array_equal(out['eval'][0], out['eval'][1])
   assert not np.allclose(out['train'][0], out['eval'][0], atol=1e-4)
   assert not np.allclose(out['train'][0], out['train'][1], atol=1e-4)
+
+
+def _at(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _reference(variables, x, norm, train):
+  """The net of test_matches_a_lax_reference written out with lax:
+  (logits, {BN layer path: (batch mean, biased batch variance)})."""
+  params, seen = variables['params'], {}
+
+  def conv(path, x, stride):
+    q = _at(params, path)
+    kernel = (q['v'] * q['g'] / jnp.sqrt(jnp.sum(q['v']**2, axis=(0, 1, 2)))
+              if norm == 'weight' else q['kernel'])
+    pad = kernel.shape[0] // 2
+    y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(pad, pad)] * 2,
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    return y if norm == 'batch' else y + q['bias']
+
+  def bn(path, y):
+    if norm != 'batch':
+      return y
+    if train:
+      mean, var = y.mean((0, 1, 2)), y.var((0, 1, 2))
+      seen[path] = mean, var
+    else:
+      running = _at(variables['batch_stats'], path)
+      mean, var = running['mean'], running['var']
+    q = _at(params, path)
+    return (y - mean) / jnp.sqrt(var + 1e-5) * q['scale'] + q['bias']
+
+  h = jax.nn.relu(bn(('stem_norm',), conv(('stem_conv',), x, 1)))
+  for block, stride in (('stage1_block0', 1), ('stage2_block0', 2)):
+    y = jax.nn.relu(bn((block, 'norm1'), conv((block, 'conv1'), h, stride)))
+    y = bn((block, 'norm2'), conv((block, 'conv2'), y, 1))
+    shortcut = (h if stride == 1 else
+                bn((block, 'proj_norm'), conv((block, 'proj_conv'), h, stride)))
+    h = jax.nn.relu(y + shortcut)
+  return h.mean((1, 2)) @ params['head']['kernel'] + params['head']['bias'], seen
+
+
+@pytest.mark.parametrize('norm', NORMS)
+def test_matches_a_lax_reference(norm):
+  """A block per stage, two stages (so a strided, projecting block): logits,
+  BN's running statistics and gradients equal a hand-written lax forward pass,
+  and the gradient of every parameter tensor agrees with central differences."""
+  model = ResNet(stage_sizes=(1, 1), block_cls=BasicBlock, norm=norm, num_classes=3, width=4,
+                 stem='small')
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(4, 6, 6, 3)), jnp.float32)
+  labels = jnp.array([0, 2, 1, 2])
+  rng = np.random.default_rng(2)
+  # Away from init (g = |v|, zero biases, unit BN scales), so that every
+  # parameter counts; BN's running variances stay positive.
+  variables = jax.tree.map(
+      lambda a: (np.abs(a) * rng.uniform(0.5, 1.5, a.shape)
+                 + 0.2 * rng.normal(size=a.shape)).astype(np.float32),
+      jax.device_get(jax.jit(functools.partial(model.init, train=False))(KEY(0), x)))
+  state = {k: v for k, v in variables.items() if k != 'params'}
+  if norm == 'batch':
+    state['batch_stats'] = jax.tree.map(np.abs, state['batch_stats'])
+  ce = lambda logits: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  def model_loss(params):
+    logits, updated = model.apply({'params': params, **state}, x, train=True,
+                                  mutable=['batch_stats'])
+    return ce(logits), (logits, updated)
+
+  def reference_loss(params):
+    logits, seen = _reference({'params': params, **state}, x, norm, train=True)
+    return ce(logits), (logits, seen)
+
+  @jax.jit
+  def run(params):
+    (_, (logits, updated)), grads = jax.value_and_grad(model_loss, has_aux=True)(params)
+    (_, (want_logits, seen)), want_grads = jax.value_and_grad(reference_loss, has_aux=True)(
+        params)
+    eval_logits = model.apply({'params': params, **state}, x, train=False)
+    want_eval = _reference({'params': params, **state}, x, norm, train=False)[0]
+    return (logits, want_logits), (eval_logits, want_eval), (grads, want_grads), updated, seen
+
+  params = variables['params']
+  train, eval_, (grads, want_grads), updated, seen = run(params)
+  np.testing.assert_allclose(*train, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(*eval_, rtol=1e-5, atol=1e-6)
+  # Without BN and dropout, training and eval mode compute the same function.
+  assert np.allclose(train[0], eval_[0], atol=1e-5) == (norm != 'batch')
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grads, want_grads)
+  # flax's momentum 0.9 keeps 0.9 of the running value (torchvision's 0.1).
+  assert set(seen) == {p[:-1] for p in flax.traverse_util.flatten_dict(
+      state.get('batch_stats', {})) if p[-1] == 'mean'}
+  for path, (mean, var) in seen.items():
+    old = _at(state['batch_stats'], path)
+    new = _at(updated['batch_stats'], path)
+    np.testing.assert_allclose(new['mean'], 0.9 * old['mean'] + 0.1 * mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new['var'], 0.9 * old['var'] + 0.1 * var, rtol=1e-5, atol=1e-6)
+
+  # Along each parameter tensor's own gradient, the slope is that gradient's
+  # norm. Float32 central differences at 1e-3 carry ~5e-4 of rounding noise
+  # (the loss is ~1), hence the absolute tolerance.
+  flat = {p: np.asarray(g) for p, g in flax.traverse_util.flatten_dict(grads).items()}
+  norms = np.array([np.linalg.norm(g) for g in flat.values()])
+  assert norms.min() > 1e-3 and norms.max() > 0.1
+  directions = flax.traverse_util.unflatten_dict({p: np.stack(
+      [g / n if q == p else np.zeros_like(g) for q, n in zip(flat, norms)])
+      for p, g in flat.items()})
+  eps = 1e-3
+
+  @jax.jit
+  def slopes(params, directions):
+    loss = lambda d, sign: model_loss(jax.tree.map(lambda p, e: p + sign * eps * e, params, d))[0]
+    return jax.vmap(lambda d: (loss(d, 1.0) - loss(d, -1.0)) / (2 * eps))(directions)
+
+  np.testing.assert_allclose(slopes(params, directions), norms, rtol=0.02, atol=1e-3)
 
 
 @pytest.mark.parametrize('name,norm', TRACED)
@@ -190,13 +341,36 @@ def test_weight_decay_mask_selects_kernels(norm):
   assert flat[('head', 'kernel')] and not flat[('head', 'bias')]
 
 
+def _equations(jaxpr):
+  """Every equation of a jaxpr and of the jaxprs nested in it (jit, remat)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if hasattr(sub, 'eqns') or hasattr(sub, 'jaxpr'):
+          yield from _equations(getattr(sub, 'jaxpr', sub))
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
-  model = ResNet18(**TINY, norm='weight', dtype=jnp.bfloat16)
-  x = jnp.zeros((2, 16, 16, 3))
-  variables = _abstract_variables(model, x)
+  model = _tiny('resnet18', 'weight', dtype=jnp.bfloat16)
+  variables = _abstract_variables(model, X)
   assert {p.dtype for p in jax.tree.leaves(variables)} == {jnp.dtype(jnp.float32)}
-  logits = jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+  # The same float32 variables, run in both precisions.
+  variables = _variables('resnet18', 'weight')
+  forward = lambda model: lambda v: model.apply(v, X, train=False)
+  jaxpr = jax.make_jaxpr(forward(model))(variables).jaxpr
+  convs = [e for e in _equations(jaxpr) if e.primitive.name == 'conv_general_dilated']
+  assert len(convs) == 1 + 2 * 8 + 3  # stem, two per block, three projections
+  for eqn in convs + [e for e in _equations(jaxpr) if e.primitive.name == 'dot_general']:
+    assert [v.aval.dtype for v in (*eqn.invars, *eqn.outvars)] == [jnp.bfloat16] * 3, eqn
+  float32 = _tiny('resnet18', 'weight')
+  logits, reference = jax.jit(lambda v: (forward(model)(v), forward(float32)(v)))(variables)
   assert logits.dtype == jnp.float32 and logits.shape == (2, 10)
+  # bfloat16 values cast up, off the float32 logits (|logits| < 2) by bf16
+  # rounding along the way: 0.009 here.
+  np.testing.assert_array_equal(logits, logits.astype(jnp.bfloat16).astype(jnp.float32))
+  assert not np.array_equal(logits, reference)
+  np.testing.assert_allclose(logits, reference, rtol=0, atol=0.03)
 
 
 @pytest.mark.parametrize('kwargs,message', [
@@ -220,6 +394,40 @@ def test_create_model_by_name():
     assert isinstance(model, ResNet) and model.stage_sizes == (2, 2, 2, 2)
   assert create_model('ResNet152').stage_sizes == (3, 8, 36, 3)
   assert create_model('resnet101').block_cls is BottleneckBlock
-  assert set(MODELS) == {'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'}
+  assert {name for name in MODELS if name.startswith('resnet')} == {
+      'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'}
   with pytest.raises(ValueError, match="'resnet19' is not one of: resnet18, resnet34, resnet50"):
     create_model('resnet19')
+
+
+def test_per_device_batch_statistics_equal_a_loop_over_the_shards():
+  """bn_groups=2 (model.bn_stats='per_device' on 2 devices): each half of the
+  batch is normalized with its own statistics, as if run alone."""
+  x = jax.random.normal(KEY(3), (4, 16, 16, 3))
+  grouped = _tiny('resnet18', 'batch', bn_groups=2, dropout_rate=0.0)
+  plain = _tiny('resnet18', 'batch', dropout_rate=0.0)
+  variables = plain.init(KEY(0), x, train=False)
+  apply = lambda model, v, x: model.apply(v, x, train=True, rngs={'dropout': KEY(1)},
+                                          mutable=['batch_stats'])
+  logits, updated = apply(grouped, variables, x)
+  halves = [apply(plain, variables, half) for half in (x[:2], x[2:])]
+  np.testing.assert_allclose(logits, jnp.concatenate([h[0] for h in halves]), atol=2e-5)
+  # Running statistics move by the mean of the two halves' statistics.
+  mean = lambda u: u['batch_stats']['stem_norm']['mean']
+  np.testing.assert_allclose(mean(updated), (mean(halves[0][1]) + mean(halves[1][1])) / 2,
+                             atol=1e-6)
+
+
+def test_head_dropout_rate_is_apart_from_the_branch_dropout():
+  x = jax.random.normal(KEY(3), (4, 16, 16, 3))
+  variables = _tiny('resnet18', 'weight').init(KEY(0), x, train=False)
+  run = lambda **rates: _tiny('resnet18', 'weight', **rates).apply(
+      variables, x, train=True, rngs={'dropout': KEY(1)})
+  eval_logits = _tiny('resnet18', 'weight').apply(variables, x, train=False)
+  # Branch dropout off and head dropout off: training logits equal eval's.
+  np.testing.assert_allclose(run(dropout_rate=0.0, head_dropout_rate=0.0), eval_logits,
+                             atol=1e-5)
+  assert not np.allclose(run(dropout_rate=0.0, head_dropout_rate=0.5), eval_logits, atol=1e-3)
+  assert not np.allclose(run(dropout_rate=0.3, head_dropout_rate=0.0), eval_logits, atol=1e-3)
+  with pytest.raises(ValueError, match=r'head_dropout_rate=1.0 must be in \[0, 1\)'):
+    _tiny('resnet18', 'weight', head_dropout_rate=1.0)
