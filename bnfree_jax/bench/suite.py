@@ -137,9 +137,6 @@ def _e2e_job(args, dtype, first):
                               'synthetic.num_train': 16 * batch,
                               'synthetic.num_eval': batch},
       batch_size=batch, num_train_steps=steps, compute_dtype=dtype,
-      # The recipe's 25-epoch warm-up would outlast the run; the schedule
-      # changes no work.
-      **{'lr_schedule.warmup_epochs': 0},
       log_every_steps=max(1, steps // 10), eval_every_steps=steps,
       checkpoint_every_steps=steps, histogram_every_steps=steps)
   # run_suite adds --workdir: a fresh folder, removed after.

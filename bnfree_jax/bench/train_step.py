@@ -212,7 +212,7 @@ def _device_peak():
 def _step(run):
   t0 = time.perf_counter()
   # The state is donated: its buffers become the new state's, so feed it back.
-  run.state, _, finite = run.compiled(run.state, run.batch)
+  run.state, finite = run.compiled(run.state, run.batch)
   jax.block_until_ready(run.state)
   run.finite &= bool(finite)
   return time.perf_counter() - t0
