@@ -182,3 +182,27 @@ def test_runs_then_skips_a_finished_run(tmp_path):
   assert 'skipped (finished at step 4)' in sweep_lines(r.stdout)[0]
   assert 'Training' not in r.stderr  # No trainer was started.
   assert files_under(workdir) == before
+
+
+def test_gpu_check_sh_names_results_after_the_gpu(tmp_path):
+  """With nvidia-smi and python3 stubbed on PATH: the suite runs from the
+  repository root with its results named after the GPU, the flags given
+  passed on, a log kept, and the suite's exit code returned."""
+  stub(tmp_path / 'bin', 'nvidia-smi', 'echo "NVIDIA H100 80GB HBM3"\n')
+  stub(tmp_path / 'bin', 'python3', 'echo "$PWD: python3 $*"\nexit 3\n')
+  env = {**os.environ, 'PATH': f'{tmp_path / "bin"}:{os.environ["PATH"]}',
+         'WHEELS': str(tmp_path / 'no_wheels')}
+  out = tmp_path / 'out'
+  r = subprocess.run([str(REPO / 'launch' / 'gpu_check.sh'), str(out), '--e2e-steps', '0'],
+                     cwd=tmp_path, env=env, capture_output=True, text=True)
+  assert r.returncode == 3, r.stderr
+  name = out / 'gpu_h100_80gb_hbm3'
+  assert r.stdout.splitlines() == [
+      f'{REPO}: python3 -m bnfree_jax.bench --suite gpu --json {name}.json --md {name}.md '
+      '--e2e-steps 0']
+  assert (out / 'gpu_h100_80gb_hbm3.log').read_text() == r.stdout
+
+
+def test_gpu_check_sh_usage_is_exit_2():
+  r = subprocess.run([str(REPO / 'launch' / 'gpu_check.sh')], capture_output=True, text=True)
+  assert r.returncode == 2 and 'usage' in r.stderr

@@ -1,0 +1,257 @@
+"""PyTorch peer of the bnfree_jax train step: torchvision's ResNets with BN
+('batch'), and with torch.nn.utils.parametrizations.weight_norm on every conv
+(given a bias) and no BN ('weight', the paper's own setting); one SGD momentum
+step on random data, channels_last, bfloat16 AMP autocast or float32, eager
+or under torch.compile.
+
+A standalone script needing only torch and torchvision (no bnfree_jax, JAX or
+TensorFlow), so that `python -m bnfree_jax.bench --suite gpu` can run it with
+another interpreter, each framework alone on the device:
+
+  python torch_peer.py --models resnet18 --batch-size 256 --image-size 224 \
+      --norms batch,weight --modes eager,compile --compute-dtype bfloat16
+
+Prints one JSON record per finished row on stdout (progress on stderr);
+--probe prints the versions and exits, failing where torch cannot be imported.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
+
+NORMS = ('batch', 'weight')
+MODES = ('eager', 'compile')
+COMPUTE_DTYPES = ('float32', 'bfloat16')
+MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
+# The bench's learning rates for its 'batch' and 'weight' rows: they keep the
+# steps finite, and do not change the work.
+BASE_LR = {'batch': 0.1, 'weight': 0.001}
+
+
+def _progress(message):
+  print(f'[torch peer] {message}', file=sys.stderr, flush=True)
+
+
+def _weight_norm_convs(module):
+  """Every Conv2d below module becomes weight_norm(Conv2d with bias), the
+  same initial filters, the bias 0 (weight_norm starts g at ||v||, so the
+  filters are unchanged)."""
+  for name, child in module.named_children():
+    if isinstance(child, nn.Conv2d):
+      conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size,
+                       stride=child.stride, padding=child.padding, dilation=child.dilation,
+                       groups=child.groups, bias=True)
+      with torch.no_grad():
+        conv.weight.copy_(child.weight)
+        conv.bias.zero_()
+      setattr(module, name, weight_norm(conv))
+    else:
+      _weight_norm_convs(child)
+
+
+def build(model, norm):
+  """torchvision's model with BN, or without BN and with weight-normalized convs."""
+  if norm == 'batch':
+    return getattr(torchvision.models, model)(num_classes=1000)
+  # nn.Identity takes (and ignores) the channel count torchvision passes.
+  net = getattr(torchvision.models, model)(num_classes=1000, norm_layer=nn.Identity)
+  _weight_norm_convs(net)
+  return net
+
+
+def _device_name(device):
+  if device.type == 'cuda':
+    return f'cuda:{torch.cuda.get_device_name(device)} x1'
+  model = platform.processor() or platform.machine()
+  try:
+    with open('/proc/cpuinfo') as f:
+      model = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+  except (OSError, StopIteration):
+    pass
+  return f'cpu:{model} ({torch.get_num_threads()} threads)'
+
+
+def _cpu_seconds():
+  """(wall, CPU seconds all cores were busy, CPU seconds of this process and
+  its children, torch.compile's workers), as
+  bnfree_jax.bench.common.cpu_seconds (this script imports nothing of
+  bnfree_jax), or None without /proc/stat."""
+  try:
+    with open('/proc/stat') as f:
+      jiffies = [int(x) for x in f.readline().split()[1:]]
+  except OSError:
+    return None
+  busy = (sum(jiffies) - jiffies[3] - jiffies[4]) / os.sysconf('SC_CLK_TCK')
+  t = os.times()
+  return t.elapsed, busy, t.user + t.system + t.children_user + t.children_system
+
+
+def _other_cores(start, end):
+  """Cores other processes kept busy on average between two _cpu_seconds()."""
+  if not (start and end) or end[0] <= start[0]:
+    return None
+  return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0]))
+
+
+def _sync(device):
+  if device.type == 'cuda':
+    torch.cuda.synchronize(device)
+
+
+def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps, warmup,
+            device, trace_dir=None):
+  """One row: median step time of `steps` timed steps after `warmup` ones."""
+  torch.manual_seed(0)
+  model = build(model_name, norm).to(device, memory_format=torch.channels_last)
+  model.train()
+  optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR[norm], momentum=0.9,
+                              weight_decay=1e-4)
+  net = torch.compile(model) if mode == 'compile' else model
+  loss_fn = nn.CrossEntropyLoss()
+  x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(
+      memory_format=torch.channels_last)
+  y = torch.randint(0, 1000, (batch_size,), device=device)
+  amp = compute_dtype == 'bfloat16'
+
+  def step():
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+      loss = loss_fn(net(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss
+
+  if device.type == 'cuda':
+    torch.cuda.reset_peak_memory_stats(device)
+  load_start, cpu_start = os.getloadavg()[0], _cpu_seconds()
+  activities = [torch.profiler.ProfilerActivity.CPU]
+  if device.type == 'cuda':
+    activities.append(torch.profiler.ProfilerActivity.CUDA)
+  profiler = torch.profiler.profile(activities=activities)
+  times = []
+  for i in range(warmup + steps):
+    if trace_dir and i == warmup:  # The timed steps only.
+      profiler.start()
+    _sync(device)
+    t0 = time.perf_counter()
+    loss = step()
+    _sync(device)
+    times.append(time.perf_counter() - t0)
+    if i == 0:
+      _progress(f'{model_name} {norm} {mode} {compute_dtype}: first step {times[0]:.1f} s')
+  if trace_dir:
+    profiler.stop()
+    name = f'torch_{model_name}_{norm}_{mode}_{compute_dtype}_b{batch_size}'
+    os.makedirs(trace_dir, exist_ok=True)
+    profiler.export_chrome_trace(os.path.join(trace_dir, f'{name}.json'))
+    sort = 'self_cuda_time_total' if device.type == 'cuda' else 'self_cpu_time_total'
+    with open(os.path.join(trace_dir, f'{name}.txt'), 'w') as f:
+      f.write(profiler.key_averages().table(sort_by=sort, row_limit=40))
+  timed = times[warmup:]
+  median = statistics.median(timed)
+  record = dict(
+      framework='torch', mode=mode, model=model_name,
+      variant=norm + ('+bf16' if amp else ''), norm=norm, compute_dtype=compute_dtype,
+      amp=amp, channels_last=True, batch_size=batch_size, image_size=image_size,
+      steps=len(timed), warmup=warmup, step_time_ms=1e3 * median,
+      step_time_ms_min=1e3 * min(timed), step_time_ms_max=1e3 * max(timed),
+      step_times_ms=[1e3 * t for t in timed], images_per_sec=batch_size / median,
+      # The first step holds torch.compile's work (and cuDNN's autotuning).
+      compile_s=times[0],
+      peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None,
+      all_finite=bool(torch.isfinite(loss).item()), device=_device_name(device),
+      torch_version=torch.__version__, torchvision_version=torchvision.__version__,
+      threads=torch.get_num_threads(), load_avg_start=load_start,
+      load_avg_end=os.getloadavg()[0], other_cpu_cores=_other_cores(cpu_start, _cpu_seconds()),
+      cpu_count=os.cpu_count(), host=platform.node(),
+      trace_dir=trace_dir)
+  return record
+
+
+class BadInput(ValueError):
+  """An argument this script cannot use."""
+
+
+def _split(text, allowed, flag):
+  items = [item.strip() for item in text.split(',') if item.strip()]
+  for item in items or ['']:
+    if item not in allowed:
+      raise BadInput(f'{flag} {item!r} is not one of: {", ".join(allowed)}')
+  return items
+
+
+def _rows(args):
+  """(model, norm, mode) of every row asked for, eager ones first; raises BadInput."""
+  _split(args.compute_dtype, COMPUTE_DTYPES, '--compute-dtype')
+  _split(args.device, ('cuda', 'cpu'), '--device')
+  if args.device == 'cuda' and not torch.cuda.is_available():
+    raise BadInput('--device cuda: torch sees no CUDA device; allowed here: cpu')
+  for name, value, minimum in (('--batch-size', args.batch_size, 1),
+                               ('--image-size', args.image_size, 1),
+                               ('--steps', args.steps, 1), ('--warmup', args.warmup, 0)):
+    if value < minimum:
+      raise BadInput(f'{name}={value} must be >= {minimum}')
+  return [(model, norm, mode) for mode in _split(args.modes, MODES, '--modes')
+          for model in _split(args.models, MODELS, '--models')
+          for norm in _split(args.norms, NORMS, '--norms')]
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p.add_argument('--probe', action='store_true', help='print versions and exit')
+  p.add_argument('--models', default='resnet18')
+  p.add_argument('--norms', default=','.join(NORMS))
+  p.add_argument('--modes', default=','.join(MODES))
+  p.add_argument('--compute-dtype', default='bfloat16', help=' | '.join(COMPUTE_DTYPES))
+  p.add_argument('--batch-size', type=int, default=256)
+  p.add_argument('--image-size', type=int, default=224)
+  p.add_argument('--steps', type=int, default=20)
+  p.add_argument('--warmup', type=int, default=3)
+  p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
+                 help='cuda | cpu (default: cuda where available)')
+  p.add_argument('--deadline', type=float, default=float('inf'),
+                 help='time.time() after which no row starts (it is reported skipped)')
+  p.add_argument('--trace', help='write a torch.profiler trace of the timed steps here')
+  args = p.parse_args(argv)
+  if args.probe:
+    print(json.dumps(dict(torch_version=torch.__version__,
+                          torchvision_version=torchvision.__version__,
+                          cuda=torch.cuda.is_available())))
+    return 0
+  try:
+    rows = _rows(args)
+  except BadInput as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  device = torch.device(args.device)
+  for model, norm, mode in rows:
+    if time.time() > args.deadline:
+      print(json.dumps(dict(framework='torch', mode=mode, model=model, norm=norm,
+                            variant=norm + ('+bf16' if args.compute_dtype == 'bfloat16' else ''),
+                            compute_dtype=args.compute_dtype, batch_size=args.batch_size,
+                            image_size=args.image_size, skipped='time budget spent')),
+            flush=True)
+      continue
+    _progress(f'{model} {norm} {mode} {args.compute_dtype} batch {args.batch_size}')
+    print(json.dumps(measure(model, norm, mode, args.compute_dtype, args.batch_size,
+                             args.image_size, args.steps, args.warmup, device, args.trace)),
+          flush=True)
+    # The row's model and optimizer are gone with measure(); its compiled
+    # graphs and cached blocks go here, before the next row.
+    torch._dynamo.reset()
+    if device.type == 'cuda':
+      torch.cuda.empty_cache()
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
