@@ -5,7 +5,7 @@ reduced width.
 
   python -m bnfree_jax.main --config configs/fashion_mnist.py --workdir runs/fmnist
 
-Expected: about 90% test top-1 (89.89% measured) in under 5 minutes on a
+Expected: about 90% test top-1 (89.87% measured) in under 5 minutes on a
 2-core CPU (README has the measured figures). Data: tfds's fashion_mnist if
 prepared, else the original IDX files (Debian: apt-get install
 dataset-fashion-mnist).
