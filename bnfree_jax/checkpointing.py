@@ -8,7 +8,6 @@ aside (see restore_latest), never deleted.
 
 import datetime
 import logging
-import os
 
 import jax
 from etils import epath

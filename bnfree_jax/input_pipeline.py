@@ -142,9 +142,12 @@ def epoch_keys(seed, epoch):
 
 
 def image_size(config) -> int:
-  native = (config.synthetic.image_size if config.dataset == 'synthetic'
-            else SPECS[config.dataset][1])
-  return native if config.image_size == -1 else config.image_size
+  return _native_size(config) if config.image_size == -1 else config.image_size
+
+
+def _native_size(config) -> int:
+  return (config.synthetic.image_size if config.dataset == 'synthetic'
+          else SPECS[config.dataset][1])
 
 
 def load_idx(directory: str):
@@ -162,9 +165,8 @@ def load_idx(directory: str):
 
 def _as_stored(config, train: bool) -> bool:
   """Whether the split is fed as stored (only normalized), so numpy does it."""
-  native = (config.synthetic.image_size if config.dataset == 'synthetic'
-            else SPECS[config.dataset][1])
-  return image_size(config) == native and not (train and config.dataset in _AUGMENTED)
+  return (image_size(config) == _native_size(config)
+          and not (train and config.dataset in _AUGMENTED))
 
 
 def _normalize(config, images):
