@@ -40,7 +40,7 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from bnfree_jax import checkpointing, models, train, workdir as workdirs  # noqa: E402
-from bnfree_jax.main import _unknown_key  # noqa: E402
+from bnfree_jax.main import CONFIG_ERRORS, config_error  # noqa: E402
 from bnfree_jax.models.nf_resnet import NFBottleneckBlock, NFResNet  # noqa: E402
 from bnfree_jax.workdir import EXIT_BAD_INPUT  # noqa: E402
 
@@ -394,12 +394,8 @@ def run(argv=None) -> int:
                    f'{len(weights)}: {" ".join(weights)}')
     config = fv.config
     config.keys()  # config_flags defers a failure to load the file to here.
-  except (AttributeError, KeyError) as e:  # A locked config refuses new keys.
-    return _fail(_unknown_key(e))
-  except (flags.Error, ValueError, OSError, SyntaxError) as e:
-    # The last line of a failed config load names the file and the cause.
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return _fail(lines[-1] if lines else type(e).__name__)
+  except CONFIG_ERRORS as e:
+    return _fail(config_error(e))
   try:
     if fv.export is None:
       _import_weights(config, fv.workdir, weights[0])

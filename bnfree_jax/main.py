@@ -86,6 +86,19 @@ def _unknown_key(error) -> str:
   return f"unknown config key '{in_recipe[1]}' set at {line.filename}:{line.lineno} ({hint})"
 
 
+# What parsing the flags and loading a --config file can raise.
+CONFIG_ERRORS = (AttributeError, KeyError, flags.Error, ValueError, OSError, SyntaxError)
+
+
+def config_error(error: Exception) -> str:
+  """The one-line message for an error in CONFIG_ERRORS."""
+  if isinstance(error, (AttributeError, KeyError)):  # A locked config refuses new keys.
+    return _unknown_key(error)
+  # The last line of a failed config load names the file and the cause.
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
+
+
 def run(argv=None) -> int:
   argv = sys.argv if argv is None else argv
   if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
@@ -97,12 +110,8 @@ def run(argv=None) -> int:
       return _fail(EXIT_BAD_INPUT, '--config and --workdir are both required')
     config, workdir = fv.config, fv.workdir
     config.keys()  # config_flags defers a failure to load the file to here.
-  except (AttributeError, KeyError) as e:  # A locked config refuses new keys.
-    return _fail(EXIT_BAD_INPUT, _unknown_key(e))
-  except (flags.Error, ValueError, OSError, SyntaxError) as e:
-    # The last line of a failed config load names the file and the cause.
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return _fail(EXIT_BAD_INPUT, lines[-1] if lines else type(e).__name__)
+  except CONFIG_ERRORS as e:
+    return _fail(EXIT_BAD_INPUT, config_error(e))
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s',
                       datefmt='%H:%M:%S', force=True)
   # Keep the console to our progress lines: orbax logs every save in detail.
