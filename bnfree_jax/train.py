@@ -194,17 +194,13 @@ def train_step(state: TrainState, batch, *, s: Setup):
   (_, (per_example, batch_stats)), grads = _loss_and_grads(
       s.model, state, batch, _dropout_key(s.config, state.step), s.config.label_smoothing)
   grad_norm = optax.tree.norm(grads)  # Before clipping.
-  updates, opt_state = s.optimizer.tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(per_example['loss']).all() & jnp.isfinite(grad_norm)
-  # A non-finite update is never applied, whatever config.on_nonfinite says:
-  # 'skip' goes on without it and 'stop' ends the run holding the last finite
-  # state. Both modes thus share one compiled program.
-  keep = lambda n, o: jnp.where(finite, n, o)
+  params, opt_state = apply_if_finite(s.optimizer.tx, grads, finite, state.params,
+                                      state.opt_state)
   new = state.replace(
-      step=state.step + 1, params=jax.tree.map(keep, params, state.params),
-      batch_stats=jax.tree.map(keep, batch_stats, state.batch_stats),
-      opt_state=_skip_update_keep_counts(finite, opt_state, state.opt_state),
+      step=state.step + 1, params=params, opt_state=opt_state,
+      batch_stats=jax.tree.map(lambda n, o: jnp.where(finite, n, o), batch_stats,
+                               state.batch_stats),
       skipped=state.skipped + (~finite).astype(jnp.int32))
   new = new.replace(ema=_ema_update(s.config, state.step, state.ema,
                                     {'params': new.params, 'batch_stats': new.batch_stats}))
@@ -247,14 +243,21 @@ def _ema_update(config, step, ema, new):
   return jax.tree.map(lambda e, n: (decay * e + (1 - decay) * n).astype(e.dtype), ema, new)
 
 
-def _skip_update_keep_counts(finite, new, old):
-  """The new optimizer state where the step was finite; else the old one
-  (momentum untouched) except optax's update counters, which advance, so the
-  LR and clip threshold stay functions of state.step on skipped steps too."""
+def apply_if_finite(tx, grads, finite, params, opt_state):
+  """(params, opt_state) after tx's update where finite; else the old ones
+  (parameters and momentum untouched) except optax's update counters, which
+  advance, so the LR and clip threshold stay functions of state.step on
+  skipped steps too. A non-finite update is never applied, whatever
+  config.on_nonfinite says: 'skip' goes on without it and 'stop' ends the run
+  holding the last finite state. Both modes thus share one compiled program."""
+  updates, new_opt_state = tx.update(grads, opt_state, params)
+  new_params = optax.apply_updates(params, updates)
+
   def pick(path, n, o):
     is_count = path and getattr(path[-1], 'name', None) == 'count'
     return n if is_count else jnp.where(finite, n, o)
-  return jax.tree.map_with_path(pick, new, old)
+  return (jax.tree.map(lambda n, o: jnp.where(finite, n, o), new_params, params),
+          jax.tree.map_with_path(pick, new_opt_state, opt_state))
 
 
 def jit_train_step(s: Setup):

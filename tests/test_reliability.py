@@ -19,13 +19,14 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import helpers
-from bnfree_jax import checkpointing, input_pipeline, report, train
+from bnfree_jax import checkpointing, input_pipeline, optim, report, train
 from conftest import REPO
 
 STEPS, EVERY = 40, 8
@@ -267,6 +268,45 @@ def test_nonfinite_skip_counts_and_goes_on(reference, tmp_path, monkeypatch):
   for tag in ('train/loss', 'train/top1', 'train/grad_norm'):
     values = scalars[tag][1]
     assert len(values) == 4 and np.isfinite(values).all(), (tag, values)
+
+
+def test_skipped_steps_keep_the_applied_lr_and_threshold_on_schedule():
+  """Update by update, with non-finite gradients at some steps: every applied
+  step is PyTorch's SGD (clip by global norm, weight decay, momentum buffer of
+  raw gradients) at the LR and threshold of its own step, as if the skipped
+  steps had never come, and a skipped step changes nothing."""
+  config = helpers.tiny_config(**{'lr_schedule.warmup_epochs': 0.5,
+                                  'optimizer.weight_decay_on': 'all'})
+  per_epoch, total, nonfinite = 4, 24, {3, 9, 10, 17}
+  opt = optim.create_optimizer(config, per_epoch, total, weight_decay_mask=None)
+  wd, m = config.optimizer.weight_decay, config.optimizer.momentum
+  rng = np.random.default_rng(0)
+  params = {'conv': {'kernel': rng.normal(size=(3, 3, 2, 4))}, 'head': {'bias': rng.normal(size=5)}}
+  params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
+  opt_state, buf = opt.tx.init(params), None
+  apply = jax.jit(lambda g, finite, p, o: train.apply_if_finite(opt.tx, g, finite, p, o))
+  for step in range(total):
+    # Norms from 0.5 to 12: clipped at some steps, not at others (threshold 5 -> 1).
+    grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape) * (0.5 + step % 5) / 8,
+                                               jnp.float32), params)
+    finite = step not in nonfinite
+    if not finite:
+      grads['head']['bias'] = grads['head']['bias'].at[0].set(jnp.nan)
+    new_params, opt_state = apply(grads, jnp.asarray(finite), params, opt_state)
+    if finite:  # The reference, in float64.
+      g = jax.tree.map(lambda x: np.asarray(x, np.float64), grads)
+      norm = np.sqrt(sum((x ** 2).sum() for x in jax.tree.leaves(g)))
+      g = jax.tree.map(lambda x, p: x * min(1.0, float(opt.clip_threshold(step)) / norm)
+                       + wd * np.asarray(p, np.float64), g, params)
+      buf = g if buf is None else jax.tree.map(lambda b, x: m * b + x, buf, g)
+      expected = jax.tree.map(lambda p, b: p - float(opt.learning_rate(step)) * b, params, buf)
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+                   new_params, expected)
+    else:
+      assert_same_state(new_params, params)
+    params = new_params
+  assert len({float(opt.clip_threshold(s)) for s in range(total)}) == 6  # One per epoch.
+  assert float(opt.learning_rate(total - 1)) < float(opt.learning_rate(2)) / 10
 
 
 def test_nonfinite_step_leaves_params_and_optimizer_untouched(reference):
