@@ -65,12 +65,43 @@ def test_variant_expansion():
   assert (c.model.norm, c.model.dropout_rate, c.grad_clip.mode, c.remat, c.compute_dtype) == (
       'weight', 0.1, 'log', True, 'bfloat16')
   assert train_step.variant_config('resnet18', 'batch', 16, 224, 64).grad_clip.mode == 'none'
+  c = train_step.variant_config('nf_resnet50', 'nf_agc+bf16', 16, 224, 64)
+  assert (c.model.name, c.model.norm, c.grad_clip.mode, c.grad_clip.agc_clipping) == (
+      'nf_resnet50', 'scaled_ws', 'agc', 0.01)
+  # Each family its own variants; the default variants (all) fit both.
+  assert train_step.rows(['resnet50', 'nf_resnet50'], list(train_step.VARIANTS)) == [
+      *(('resnet50', v) for v in train_step.VARIANTS if v != 'nf_agc'),
+      ('nf_resnet50', 'nf_agc')]
+
+
+def test_suite_plan_gives_nf_resnet50_its_own_variant_and_peer():
+  """The default suite: nf_resnet50's worker measures nf_agc only, and
+  resnet50's everything else; the peer runs timm's model (or records why not)."""
+  def jobs(timm):
+    args = cli._parser().parse_args(['--suite', 'gpu', '--peer-python', sys.executable])
+    cli._validate(args)
+    args.peer_skip, args.peer_timm = None, timm
+    return {job.name: job for job in suite.plan(args)}
+
+  plan = jobs(timm=True)
+  arg = lambda job, flag: job.cmd[job.cmd.index(flag) + 1]
+  assert arg(plan['bnfree_jax nf_resnet50_b256_bfloat16'], '--variants') == 'nf_agc+bf16'
+  assert arg(plan['bnfree_jax resnet50_b128_float32'], '--variants') == (
+      'batch,weight,weight_clip_dropout,none')
+  peer = plan['torch eager nf_resnet50_b256_bfloat16']
+  assert arg(peer, '--norms') == 'nf_agc' and peer.skip is None
+  assert [r['variant'] for r in peer.rows] == ['nf_agc+bf16']
+  assert arg(plan['torch compile resnet18_b256_float32'], '--norms') == 'batch,weight'
+  assert 'no timm' in jobs(timm=False)['torch compile nf_resnet50_b256_float32'].skip
+  assert jobs(timm=False)['torch compile resnet50_b256_float32'].skip is None
 
 
 @pytest.mark.parametrize('argv, allowed', [
     (['--variants', 'batch,wieght'], 'weight_clip_dropout'),
     (['--variants', 'weight+fp16'], '+remat'),
     (['--models', 'resnet19'], 'resnet50'),
+    (['--models', 'nf_resnet50', '--variants', 'batch,weight'], 'nf_agc only'),
+    (['--suite', 'gpu', '--models', 'nf_resnet50', '--variants', 'batch'], 'nf_agc only'),
     (['--input', 'cifar10'], 'fashion_mnist'),
     (['--steps', '0'], '>= 1'),
     (['--suite', 'tpu'], 'gpu'),

@@ -59,7 +59,7 @@ def _parser():
   p = argparse.ArgumentParser(prog='python -m bnfree_jax.bench',
                               description=__doc__.split('\n')[0])
   p.add_argument('--models', help='comma-separated, e.g. resnet18,resnet50 '
-                 '(default: resnet18; the suite: resnet18,resnet50)')
+                 '(default: resnet18; the suite: resnet18,resnet50,nf_resnet50)')
   p.add_argument('--variants', default=None,
                  help=f'comma-separated from {", ".join(train_step.VARIANTS)}, each optionally '
                  '+remat and/or +bf16 (default: all; batch,weight for the sweep; '
@@ -134,7 +134,7 @@ def _defaults(args):
     args.budget_s = 3600.0 if toy else 470.0
   if args.batch_size is None and not args.suite:
     args.batch_size = 128 if args.input else 16
-  args.models = args.models or ('resnet18,resnet50' if args.suite else 'resnet18')
+  args.models = args.models or (','.join(suite.SUITE_BATCHES) if args.suite else 'resnet18')
 
 
 def _validate(args):
@@ -170,6 +170,7 @@ def _validate(args):
   args.variants = train_step.parse_variants(
       common.split(args.variants or default_variants), args.memory_options, args.remat,
       args.compute_dtype or 'float32')
+  train_step.rows(args.models, args.variants)
 
 
 def _validate_suite(args):
@@ -179,6 +180,7 @@ def _validate_suite(args):
   args.variants = common.split(args.variants or ','.join(suite.SUITE_VARIANTS))
   for name in args.variants or ['']:
     _one_of('--variants (the suite takes bare variants)', name, list(train_step.VARIANTS))
+  train_step.rows(args.models, args.variants)
   args.compute_dtypes = ([_one_of('--compute-dtype', args.compute_dtype, train_step.COMPUTE_DTYPES)]
                          if args.compute_dtype else list(train_step.COMPUTE_DTYPES))
   toy = suite.DRY_RUN['batch_size'] if args.dry_run else None
@@ -207,6 +209,7 @@ def _emit(args, text, records):
 def _suite(args, argv):
   versions, why = suite.probe_peer(args.peer_python) if args.peer_modes else (None, None)
   args.peer_skip = why and f'the PyTorch peer cannot run: {why}'
+  args.peer_timm = bool(versions and versions.get('timm_version'))
   meta = dict(suite=args.suite, dry_run=args.dry_run,
               command=shlex.join(['python', '-m', 'bnfree_jax.bench', *argv]),
               budget_s=args.budget_s, image_size=args.image_size, steps=args.steps,
@@ -252,7 +255,7 @@ def main(argv=None) -> int:
 
   runs = [train_step.Run(model, variant, train_step.variant_config(
       model, variant, args.batch_size, args.image_size, args.width))
-          for model in args.models for variant in args.variants]
+          for model, variant in train_step.rows(args.models, args.variants)]
   # A --lockstep worker of the CPU flag sweep waits for its turn at each phase.
   gate = cpu_flags.lockstep_gate if args.lockstep else (lambda: None)
   try:

@@ -4,11 +4,12 @@ trainer's own loop, in one command that fits a time budget:
   python -m bnfree_jax.bench --suite gpu --json OUT.json --md OUT.md
 
 - the trainer's compiled step for resnet18 (batch 256) and resnet50 (256 and
-  128), variants batch, weight, weight_clip_dropout, none, in float32 and
-  bfloat16: step time, images/s, XLA's FLOPs, TFLOP/s, MFU, peak memory;
+  128), variants batch, weight, weight_clip_dropout, none, and nf_resnet50
+  (256) with AGC, in float32 and bfloat16: step time, images/s, XLA's FLOPs,
+  TFLOP/s, MFU, peak memory;
 - the PyTorch peer (torch_peer.py: torchvision with BN, and with weight_norm
-  convs and no BN), eager and torch.compile, same sizes, AMP bfloat16 (and
-  float32 where asked);
+  convs and no BN; timm's nf_resnet50 with AGC where timm is installed), eager
+  and torch.compile, same sizes, AMP bfloat16 (and float32 where asked);
 - an end-to-end run of `python -m bnfree_jax.main` (the *_wn recipe of the
   last model, synthetic data), whose images/s stand beside the step's.
 
@@ -41,11 +42,13 @@ import time
 from bnfree_jax import logs, report, runtime
 from bnfree_jax.bench import common, train_step
 
-SUITE_VARIANTS = ('batch', 'weight', 'weight_clip_dropout', 'none')
-# Per-device batches; the first of each model is the one the other pieces
-# (peer compile, float32, end to end) are measured at first.
-SUITE_BATCHES = {'resnet18': (256,), 'resnet50': (256, 128)}
+SUITE_VARIANTS = ('batch', 'weight', 'weight_clip_dropout', 'none', 'nf_agc')
+# The suite's models and their per-device batches; the first of each model is
+# the one the other pieces (peer compile, float32, end to end) are measured at
+# first.
+SUITE_BATCHES = {'resnet18': (256,), 'resnet50': (256, 128), 'nf_resnet50': (256,)}
 OTHER_BATCHES = (128,)  # Any other model --models names.
+PEER_NORMS = ('batch', 'weight', 'nf_agc')  # The variants torch_peer.py has.
 PEER_SCRIPT = pathlib.Path(__file__).with_name('torch_peer.py')
 DRY_RUN = dict(batch_size=2, image_size=32, steps=2, warmup=1, e2e_steps=4, num_classes=10)
 
@@ -81,7 +84,7 @@ def plan(args):
   tiers = collections.defaultdict(list)
 
   def step_jobs(model, batch, dtype, tier, modes):
-    variants = [_variant(v, dtype) for v in args.variants]
+    variants = [_variant(v, dtype) for v in args.variants if train_step.fits(model, v)]
     name = f'{model}_b{batch}_{dtype}'
     trace = ['--trace', os.path.join(args.trace, name)] if args.trace else []
     tiers[tier].append(Job(
@@ -92,19 +95,22 @@ def plan(args):
          '--steps', str(args.steps), '--warmup', str(args.warmup), *trace],
         [dict(framework='bnfree_jax', model=model, variant=v, batch_size=batch,
               compute_dtype=dtype) for v in variants], env))
+    norms = [n for n in PEER_NORMS if train_step.fits(model, n)]
+    no_timm = (None if args.peer_timm or norms != ['nf_agc']
+               else 'the PyTorch peer has no timm for nf_resnet*')
     for mode in modes:
       peer_tier = tier + 2 if mode == 'compile' and tier == 0 else tier
       trace = ['--trace', os.path.join(args.trace, f'torch_{name}')] if args.trace else []
       tiers[peer_tier].append(Job(
           f'torch {mode} {name}', 'train_step',
           [args.peer_python, str(PEER_SCRIPT), '--models', model, '--batch-size', str(batch),
-           '--image-size', str(args.image_size), '--norms', 'batch,weight', '--modes', mode,
+           '--image-size', str(args.image_size), '--norms', ','.join(norms), '--modes', mode,
            '--compute-dtype', dtype, '--steps', str(args.steps),
            '--warmup', str(args.warmup), *(['--device', 'cpu'] if args.dry_run else []),
            *trace],
           [dict(framework='torch', mode=mode, model=model, variant=_variant(norm, dtype),
-                batch_size=batch, compute_dtype=dtype) for norm in ('batch', 'weight')],
-          skip=args.peer_skip))
+                batch_size=batch, compute_dtype=dtype) for norm in norms],
+          skip=args.peer_skip or no_timm))
 
   for model in args.models:
     for i, dtype in enumerate(dtypes):
@@ -315,7 +321,7 @@ def worker(args):
   runtime.use_cpu_cores(args.batch_size)
   runs = [train_step.Run(model, variant, train_step.variant_config(
       model, variant, args.batch_size, args.image_size, args.width))
-          for model in args.models for variant in args.variants]
+          for model, variant in train_step.rows(args.models, args.variants)]
   for record in train_step.measure_rows(runs, args.steps, args.warmup, args.deadline,
                                         args.trace):
     print(json.dumps(record), flush=True)

@@ -1,11 +1,12 @@
 """PyTorch peer of the bnfree_jax train step: torchvision's ResNets with BN
 ('batch'), and with torch.nn.utils.parametrizations.weight_norm on every conv
-(given a bias) and no BN ('weight', the paper's own setting); one SGD momentum
-step on random data, channels_last, bfloat16 AMP autocast or float32, eager
-or under torch.compile.
+(given a bias) and no BN ('weight', the paper's own setting); timm's
+NF-ResNets with adaptive gradient clipping ('nf_agc'); one SGD momentum step
+on random data, channels_last, bfloat16 AMP autocast or float32, eager or
+under torch.compile.
 
-A standalone script needing only torch and torchvision (no bnfree_jax, JAX or
-TensorFlow), so that `python -m bnfree_jax.bench --suite gpu` can run it with
+A standalone script needing only torch and torchvision, and timm for the
+NF-ResNets (no bnfree_jax, JAX or TensorFlow), so that `python -m bnfree_jax.bench --suite gpu` can run it with
 another interpreter, each framework alone on the device:
 
   python torch_peer.py --models resnet18 --batch-size 256 --image-size 224 \
@@ -28,13 +29,15 @@ import torchvision
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-NORMS = ('batch', 'weight')
+NORMS = ('batch', 'weight', 'nf_agc')
 MODES = ('eager', 'compile')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
-MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152')
-# The bench's learning rates for its 'batch' and 'weight' rows: they keep the
-# steps finite, and do not change the work.
-BASE_LR = {'batch': 0.1, 'weight': 0.001}
+MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
+          'nf_resnet26', 'nf_resnet50', 'nf_resnet101')
+# The bench's learning rates for its rows: they keep the steps finite, and do
+# not change the work.
+BASE_LR = {'batch': 0.1, 'weight': 0.001, 'nf_agc': 0.1}
+AGC_CLIPPING = 0.01  # configs/nf_resnet50.py's, the classifier unclipped.
 
 
 def _progress(message):
@@ -58,8 +61,17 @@ def _weight_norm_convs(module):
       _weight_norm_convs(child)
 
 
+def fits(model, norm):
+  """'nf_agc' goes with timm's nf_* models only, the other norms with torchvision's."""
+  return (norm == 'nf_agc') == model.startswith('nf_')
+
+
 def build(model, norm):
-  """torchvision's model with BN, or without BN and with weight-normalized convs."""
+  """torchvision's model with BN, or without BN and with weight-normalized
+  convs; timm's NF-ResNet."""
+  if norm == 'nf_agc':
+    import timm  # Only here: the other rows need no timm.
+    return timm.create_model(model, num_classes=1000)
   if norm == 'batch':
     return getattr(torchvision.models, model)(num_classes=1000)
   # nn.Identity takes (and ignores) the channel count torchvision passes.
@@ -116,6 +128,7 @@ def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps
   optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR[norm], momentum=0.9,
                               weight_decay=1e-4)
   net = torch.compile(model) if mode == 'compile' else model
+  clipped = [p for name, p in model.named_parameters() if not name.startswith('head.')]
   loss_fn = nn.CrossEntropyLoss()
   x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(
       memory_format=torch.channels_last)
@@ -127,6 +140,9 @@ def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps
       loss = loss_fn(net(x), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if norm == 'nf_agc':
+      from timm.utils import adaptive_clip_grad
+      adaptive_clip_grad(clipped, clip_factor=AGC_CLIPPING)
     optimizer.step()
     return loss
 
@@ -200,9 +216,13 @@ def _rows(args):
                                ('--steps', args.steps, 1), ('--warmup', args.warmup, 0)):
     if value < minimum:
       raise BadInput(f'{name}={value} must be >= {minimum}')
-  return [(model, norm, mode) for mode in _split(args.modes, MODES, '--modes')
+  rows = [(model, norm, mode) for mode in _split(args.modes, MODES, '--modes')
           for model in _split(args.models, MODELS, '--models')
-          for norm in _split(args.norms, NORMS, '--norms')]
+          for norm in _split(args.norms, NORMS, '--norms') if fits(model, norm)]
+  if not rows:
+    raise BadInput(f'no --norms {args.norms} fits --models {args.models}: nf_agc goes '
+                   'with the nf_* models only, batch and weight with the others')
+  return rows
 
 
 def main(argv=None):
@@ -223,9 +243,14 @@ def main(argv=None):
   p.add_argument('--trace', help='write a torch.profiler trace of the timed steps here')
   args = p.parse_args(argv)
   if args.probe:
+    try:
+      import timm
+      timm_version = timm.__version__
+    except ImportError:
+      timm_version = None
     print(json.dumps(dict(torch_version=torch.__version__,
                           torchvision_version=torchvision.__version__,
-                          cuda=torch.cuda.is_available())))
+                          timm_version=timm_version, cuda=torch.cuda.is_available())))
     return 0
   try:
     rows = _rows(args)

@@ -17,8 +17,8 @@ from bnfree_jax.bench import common
 from bnfree_jax.logs import format_duration
 from bnfree_jax.workdir import InputError
 
-# Table 7's rows (vanilla; non-BN; + adaptive clipping; + dropout) and the
-# unnormalized network. Learning rates are the paper's for each row (Tables 1,
+# Table 7's rows (vanilla; non-BN; + adaptive clipping; + dropout), the
+# unnormalized network, and the normalizer-free one (its own family of models). Learning rates are the paper's for each row (Tables 1,
 # 5, Fig. 3a); they do not change the work per step, but keep the steps finite
 # (ResNet-50 WN without clipping diverges at 0.017, and NaNs are no benchmark).
 VARIANTS = {
@@ -27,6 +27,8 @@ VARIANTS = {
     'weight_clip': dict(norm='weight', base_lr=0.017, clip=True),
     'weight_clip_dropout': dict(norm='weight', base_lr=0.017, clip=True, dropout_rate=0.1),
     'none': dict(norm='none', base_lr=1e-5),
+    # NF-ResNets (models.nf_resnet) only, as configs/nf_resnet50.py trains them.
+    'nf_agc': dict(norm='scaled_ws', base_lr=0.1, agc=0.01),
 }
 # Memory options: suffix -> (config key, value).
 OPTIONS = {'remat': ('remat', True), 'bf16': ('compute_dtype', 'bfloat16')}
@@ -103,6 +105,24 @@ def parse_models(names):
   return names
 
 
+def fits(model, variant):
+  """Whether the variant applies to the model: 'nf_agc' to the nf_* models,
+  which take no other norm, the others to the rest."""
+  nf = VARIANTS[variant.split('+')[0]]['norm'] == models.nf_resnet.NORM
+  return nf == model.startswith('nf_')
+
+
+def rows(model_names, variants):
+  """The (model, variant) pairs to measure: every model with each variant
+  that fits it; a model that none fits is an InputError."""
+  pairs = [(m, v) for m in model_names for v in variants if fits(m, v)]
+  for m in model_names:
+    if not any(pm == m for pm, _ in pairs):
+      raise InputError(f'no variant of {", ".join(variants)} fits model {m!r}: the nf_* '
+                       'models take nf_agc only, the others every variant but nf_agc')
+  return pairs
+
+
 def variant_config(model, variant, batch_size, image_size, width):
   """The trainer's config for one table row, on in-memory synthetic data."""
   base, *options = variant.split('+')
@@ -120,6 +140,8 @@ def variant_config(model, variant, batch_size, image_size, width):
   c.lr_schedule.base_lr = spec['base_lr']
   if spec.get('clip'):  # The paper's adaptive clipping, as in resnet18_wn.py.
     c.grad_clip.update(mode='log', threshold=5.0, final_threshold=50.0)
+  if spec.get('agc'):
+    c.grad_clip.update(mode='agc', agc_clipping=spec['agc'])
   for option in options:
     key, value = OPTIONS[option]
     c[key] = value
