@@ -197,6 +197,7 @@ def test_suite_ratios_and_markdown_from_fixed_records():
       meta,
       _row('bnfree_jax', 'batch+bf16', 40.0, **jax_extra),
       _row('bnfree_jax', 'weight+bf16', 30.0, **jax_extra),
+      {**_row('bnfree_jax', 'nf_agc+bf16', 60.0, **jax_extra), 'model': 'nf_resnet50'},
       _row('torch', 'batch+bf16', 50.0, mode='eager', torch_version='2', torchvision_version='0'),
       _row('torch', 'weight+bf16', 80.0, mode='eager', torch_version='2', torchvision_version='0'),
       dict(part='train_step', framework='torch', mode='compile', model='resnet50',
@@ -210,6 +211,8 @@ def test_suite_ratios_and_markdown_from_fixed_records():
         if r['part'] == 'train_step'}
   assert by['bnfree_jax', None, 'weight+bf16']['ratio_to_batch'] == pytest.approx(30 / 40)
   assert by['torch', 'eager', 'weight+bf16']['ratio_to_batch'] == pytest.approx(80 / 50)
+  # nf_resnet50 against resnet50 with BN.
+  assert by['bnfree_jax', None, 'nf_agc+bf16']['ratio_to_batch'] == pytest.approx(60 / 40)
   assert by['torch', 'eager', 'batch+bf16']['ratio_to_batch'] == 1.0
   # Every train-step record has the same keys, the peer's and the project's.
   rows = [r for r in records if r['part'] == 'train_step']

@@ -291,7 +291,7 @@ def finalize(records):
   for r in records:
     r = dict({**keys, **r} if r.get('part') == 'train_step' else r)
     if r.get('part') == 'train_step' and not r['skipped']:
-      base = _match(rows, r, 'batch')
+      base = _match(rows, r, 'batch', model=train_step.bn_twin(r['model']))
       r['ratio_to_batch'] = base and r['step_time_ms'] / base['step_time_ms']
     if r.get('part') == 'e2e' and not r.get('skipped'):
       bench = _match(rows, r, r['variant'].split('+')[0], framework='bnfree_jax')
@@ -301,14 +301,14 @@ def finalize(records):
   return out
 
 
-def _match(rows, r, base, framework=None):
-  """The measured row of the same framework, mode, model, batch and dtype
-  with this base variant, or None."""
+def _match(rows, r, base, framework=None, model=None):
+  """The measured row of the same framework, mode, model (or this one),
+  batch and dtype with this base variant, or None."""
   want = _variant(base, r['compute_dtype'])
   return next((x for x in rows if not x.get('skipped') and x['variant'] == want
                and x['framework'] == (framework or r['framework'])
                and x.get('mode') == (None if framework else r.get('mode'))
-               and x['model'] == r['model'] and x['batch_size'] == r['batch_size']
+               and x['model'] == (model or r['model']) and x['batch_size'] == r['batch_size']
                and x.get('image_size') == r.get('image_size')), None)
 
 
@@ -412,7 +412,9 @@ def markdown(records):
         f"{_cell(r['mfu'], '.1%')} | {common.mb(r['peak_bytes'])} | "
         f"{common.mb(r['xla_bytes'])} | {_cell(r['compile_s'], '.1f')} | "
         f"{common.cores(r.get('other_cpu_cores'))} |")
-  lines += ['', 'Peak MB: the allocator\'s peak while the row ran (bnfree_jax: memory_stats(), '
+  lines += ['', '× batch: the step time over that of the same framework\'s batch-norm row '
+            '(for nf_resnetN: resnetN with BN) at the same batch and dtype.',
+            '', 'Peak MB: the allocator\'s peak while the row ran (bnfree_jax: memory_stats(), '
             "a job's rows in order of XLA's footprint estimate, n/a where an earlier row's "
             'peak was higher or the backend keeps none; torch: max_memory_allocated()). '
             "XLA MB: XLA's own estimate of the step's arguments, outputs and temporaries."]

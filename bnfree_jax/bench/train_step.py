@@ -112,6 +112,12 @@ def fits(model, variant):
   return nf == model.startswith('nf_')
 
 
+def bn_twin(model):
+  """The model whose 'batch' row a row of this model is compared with: the
+  BN ResNet of the same depth for an NF-ResNet, else the model itself."""
+  return model.removeprefix('nf_')
+
+
 def rows(model_names, variants):
   """The (model, variant) pairs to measure: every model with each variant
   that fits it; a model that none fits is an InputError."""
@@ -322,7 +328,8 @@ def measure_steps(runs, steps, warmup, gate=lambda: None, trace_dir=None):
   for run in runs:
     # The median of per-round ratios: both steps of a round ran seconds apart,
     # so a load change between rounds (another job) cancels out.
-    base = next((r for r in runs if r.model == run.model and r.variant == 'batch'), None)
+    base = next((r for r in runs if r.model == bn_twin(run.model) and r.variant == 'batch'),
+                None)
     run.record['ratio_to_batch'] = run.record['ratio_to_batch_quartiles'] = None
     if base:
       ratios = [t / b for t, b in zip(run.record['step_times_ms'], base.record['step_times_ms'])]
@@ -397,7 +404,8 @@ def markdown_table(records):
       f"XLA_FLAGS={first['xla_flags'] or '(none)'}, load average "
       f"{first['load_avg_start']:.2f} -> {first['load_avg_end']:.2f} on "
       f"{first['cpu_count']} CPUs (the bench included); other processes kept "
-      f"{common.cores(first['other_cpu_cores'])} cores busy while the steps ran.", '',
+      f"{common.cores(first['other_cpu_cores'])} cores busy while the steps ran. "
+      "× batch: against the model's batch-norm row (for nf_resnetN: resnetN's).", '',
       '| model | variant | step ms median [min–max] | img/s | × batch: median (quartiles) of '
       'per-round ratios | compile s | GFLOPs/step | GFLOP/s | temp MB/device '
       '| argument MB/device | peak MB |',
