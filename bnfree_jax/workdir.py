@@ -12,7 +12,11 @@ EXIT_BAD_INPUT = 2
 
 # Settings a workdir's runs must share: resuming across them would load
 # parameters of another architecture, or mix two experiments in one log.
-RUN_IDENTITY = ('dataset', 'model.name', 'model.norm', 'model.width', 'model.stem')
+# What a resumed run must share with the one in the workdir (its data and its
+# parameters' shapes), each with the value a config.json written before the key
+# existed stands for.
+RUN_IDENTITY = {'dataset': None, 'train_subset': -1, 'model.name': None, 'model.norm': None,
+                'model.width': None, 'model.stem': None}
 
 
 class InputError(ValueError):
@@ -67,8 +71,8 @@ def check_workdir(config, workdir):
   old = read_config(workdir)
   if old is not None:
     new = config.to_dict()
-    for key in RUN_IDENTITY:
-      a, b = lookup(old, key), lookup(new, key)
+    for key, before in RUN_IDENTITY.items():
+      a, b = lookup(old, key, before), lookup(new, key)
       check(a == b, f'workdir {workdir} holds a run with {key}={a!r}, not {b!r}: '
             'use another --workdir')
 

@@ -148,6 +148,11 @@ def cli(tmp_path_factory):
       'workdir of another model': (argv('a', workdir=root / 'other_model'),
                                    f'workdir {root}/other_model holds a run with model.width=16, '
                                    'not 8: use another --workdir'),
+      # same_model's config.json predates train_subset: it stands for all (-1).
+      'workdir of another train subset': (argv('q', '--config.train_subset=64',
+                                              workdir=root / 'same_model'),
+                                         f'workdir {root}/same_model holds a run with '
+                                         'train_subset=-1, not 64: use another --workdir'),
       'workdir with a broken config.json': (argv('j', workdir=root / 'broken_run'),
                                             f'{root}/broken_run/config.json is not valid JSON'),
       # Refused before the existing run's config.json is rewritten.
