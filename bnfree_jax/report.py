@@ -200,27 +200,33 @@ def _train_top1(run):
   return epoch if epoch in run.scalars else logs.tag(logs.TRAIN, 'top1')
 
 
+def _difference(a, b):
+  return None if a is None or b is None else a - b
+
+
 def _results_table(runs):
   with_paper = any(isinstance(r.config.get('paper'), dict) for r in runs)
   head = ['run', 'model', 'norm', 'LR schedule', 'clip', 'dropout', 'steps / epochs',
-          'train top-1 final / best', 'val top-1 final / best']
-  head += ['paper train / val', 'Δ val (final − paper)'] if with_paper else []
+          'train top-1 final / best', 'val top-1 final / best', 'train − val (final)']
+  head += ['paper train / val', 'paper train − val', 'Δ val (final − paper)'] if with_paper else []
   rows = [head + ['notes']]
   for run in runs:
     steps_epochs, notes = _progress_cells(run)
-    val = _last(run, logs.tag(logs.EVAL, 'top1'))
+    val, train = _last(run, logs.tag(logs.EVAL, 'top1')), _last(run, _train_top1(run))
     row = [run.name, _get(run.config, 'model.name'), _get(run.config, 'model.norm'),
            _lr_cell(run.config), _clip_cell(run.config), _get(run.config, 'model.dropout_rate'),
            steps_epochs,
-           f'{_fmt(_last(run, _train_top1(run)), 100)} / {_fmt(_best(run, _train_top1(run)), 100)}',
-           f'{_fmt(val, 100)} / {_fmt(_best(run, "eval/top1"), 100)}']
+           f'{_fmt(train, 100)} / {_fmt(_best(run, _train_top1(run)), 100)}',
+           f'{_fmt(val, 100)} / {_fmt(_best(run, "eval/top1"), 100)}',
+           _fmt(_difference(train, val), 100, sign='+')]
     if with_paper:
       paper = run.config.get('paper') or {}
       train_p, val_p = paper.get('train_top1'), paper.get('val_top1')
       # A twin on another dataset is compared by its ordering, not its numbers.
       on_papers_data = run.config.get('dataset') == 'imagenet2012'
-      diff = None if val is None or val_p is None or not on_papers_data else 100 * val - val_p
-      row += [f'{_fmt(train_p)} / {_fmt(val_p)}', _fmt(diff, sign='+')]
+      diff = _difference(100 * val if val is not None else None, val_p) if on_papers_data else None
+      row += [f'{_fmt(train_p)} / {_fmt(val_p)}', _fmt(_difference(train_p, val_p), sign='+'),
+              _fmt(diff, sign='+')]
     rows.append(row + [notes])
   return _markdown(rows)
 
@@ -397,7 +403,8 @@ def write_report(run_dirs, out_dir, hist_stage='stage2', hist_layer=HIST_LAYER):
       _results_table(runs), '',
       'Final: the last logged value (train top-1 is the average over each whole epoch, '
       'train_epoch/top1, where the run logged it; else over each log interval); '
-      'best: the highest logged. Δ val compares the final validation top-1 with the '
+      'best: the highest logged. train − val: the final gap, the overfitting the paper '
+      'discusses. Δ val compares the final validation top-1 with the '
       "paper's, for runs on the paper's dataset (ImageNet) only.",
       '', '## Time and memory (paper Table 7)', '',
       _perf_table(runs), '',

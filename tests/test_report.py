@@ -111,23 +111,25 @@ def test_results_table(runs):
                      '400 / 4.00']
   assert wn[7] == '72.34 / 72.34'
   assert wn[8] == '58.75 / 61.25'      # Final / best validation top-1.
-  assert wn[9] == '74.70 / 65.10'      # Paper train / val.
-  assert wn[10] == '-6.35'             # 58.75 - 65.10.
+  assert wn[9] == '+13.59'             # Train - val, final: 72.34 - 58.75.
+  assert wn[10] == '74.70 / 65.10'     # Paper train / val.
+  assert wn[11] == '+9.60'             # 74.70 - 65.10.
+  assert wn[12] == '-6.35'             # 58.75 - 65.10.
   bn, _ = _row(text, 'r18_bn')
   assert bn[2] == 'batch' and bn[4] == 'none'
-  assert bn[8] == '25.00 / 25.00' and bn[9] == '— / —' and bn[10] == '—'
-  assert 'diverged: train/loss not finite at step 350' in bn[11]
-  assert 'unfinished: 350 of 400 steps' in bn[11]
+  assert bn[8] == '25.00 / 25.00' and bn[10] == '— / —' and bn[11:13] == ['—', '—']
+  assert 'diverged: train/loss not finite at step 350' in bn[13]
+  assert 'unfinished: 350 of 400 steps' in bn[13]
   new, _ = _row(text, 'r18_new')
-  assert new[6] == '10 / 0.10' and new[8] == '— / —' and new[9] == '— / 64.70'
-  assert 'no eval yet' in new[11]
+  assert new[6] == '10 / 0.10' and new[8] == '— / —' and new[9] == '—'
+  assert new[10:12] == ['— / 64.70', '—'] and 'no eval yet' in new[13]
 
 
 def test_delta_to_the_paper_only_on_the_papers_dataset(runs):
   wn = report.load_run(str(runs['wn']))
   twin = wn._replace(name='twin', config={**wn.config, 'dataset': 'fashion_mnist'})
   row = [c.strip() for c in report._results_table([twin]).splitlines()[-1].strip('|').split('|')]
-  assert row[8:11] == ['58.75 / 61.25', '74.70 / 65.10', '—']
+  assert row[8:13] == ['58.75 / 61.25', '+13.59', '74.70 / 65.10', '+9.60', '—']
 
 
 def test_perf_table_excludes_first_point(runs):

@@ -1,0 +1,63 @@
+"""README's result tables say what the committed reports under results/ say:
+every number of theirs is looked up in its report."""
+
+import pathlib
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+README = (REPO / 'README.md').read_text()
+
+
+def markdown_tables(text):
+  """Every markdown table of text as a list of {header: cell} rows."""
+  tables, rows = [], []
+  for line in text.splitlines() + ['']:
+    if line.startswith('|'):
+      rows.append([cell.strip() for cell in line.strip().strip('|').split('|')])
+    elif rows:
+      head, body = rows[0], [r for r in rows[1:] if not set(''.join(r)) <= set('-: ')]
+      tables.append([dict(zip(head, r)) for r in body])
+      rows = []
+  return tables
+
+
+def readme_table(first_header):
+  table, = (t for t in markdown_tables(README) if t and next(iter(t[0])) == first_header)
+  return {next(iter(row.values())): row for row in table}
+
+
+def report_finals(path):
+  """{run: (final train top-1, final val top-1)} of a report.md, as printed."""
+  table = next(t for t in markdown_tables((REPO / path).read_text())
+               if t and 'val top-1 final / best' in t[0])
+  return {row['run']: (row['train top-1 final / best'].split(' / ')[0],
+                       row['val top-1 final / best'].split(' / ')[0]) for row in table}
+
+
+def test_paper_twins_table_equals_its_report():
+  report = report_finals('results/paper_small/report.md')
+  rows = readme_table('row (LR)')
+  runs = {'BN (0.1)': 't1_bn_small',
+          'no norm + constant clipping at 5 (0.001)': 't1_constant_clip_small',
+          'WN (0.001)': 't1_wn_small',
+          'WN + adaptive clipping (0.01)': 't2_wn_clip_lr0p01_small',
+          'WN + adaptive clipping + dropout (0.01)': 't2_wn_clip_dropout_lr0p01_small'}
+  runs.update({label: 'f3_unnormalized_small' for label in rows
+               if label.startswith('no normalization at all')})
+  assert set(runs) == set(rows)
+  for label, run in runs.items():
+    train, val = report[run]
+    assert (rows[label]['train top-1'], rows[label]['test top-1'].strip('*')) == (train, val), label
+
+
+def test_nf_twin_table_equals_its_report():
+  report = report_finals('results/nf_twin/report.md')
+  rows = readme_table('twin')
+  prefixes = {'BN': 'bn_seed', 'the paper': 'wn_clip_seed', 'NF-ResNet': 'nf_seed'}
+  assert len(rows) == len(prefixes)
+  for label, row in rows.items():
+    run, = (p for start, p in prefixes.items() if label.startswith(start))
+    seeds = [float(report[f'{run}{s}'][1]) for s in (0, 1)]
+    assert [float(row['seed 0']), float(row['seed 1'])] == seeds, label
+    assert float(row['mean']) == pytest.approx(sum(seeds) / 2, abs=0.0051)  # Rounded to 2 digits., label
