@@ -173,7 +173,7 @@ def _total_steps(run):
   """The run's planned length, as the trainer computes it; 0 when unknown."""
   total = _get(run.config, 'num_train_steps', -1)
   if total <= 0 and run.steps_per_epoch:
-    total = int(_get(run.config, 'num_epochs', 0) * run.steps_per_epoch)
+    total = round(_get(run.config, 'num_epochs', 0) * run.steps_per_epoch)  # Epochs are logged as float32.
   return max(total, 0)
 
 

@@ -22,8 +22,9 @@ def markdown_tables(text):
   return tables
 
 
-def readme_table(first_header):
-  table, = (t for t in markdown_tables(README) if t and next(iter(t[0])) == first_header)
+def readme_table(header):
+  """README's one table with this header, as {first cell: row}."""
+  table, = (t for t in markdown_tables(README) if t and header in t[0])
   return {next(iter(row.values())): row for row in table}
 
 
@@ -61,3 +62,18 @@ def test_nf_twin_table_equals_its_report():
     seeds = [float(report[f'{run}{s}'][1]) for s in (0, 1)]
     assert [float(row['seed 0']), float(row['seed 1'])] == seeds, label
     assert float(row['mean']) == pytest.approx(sum(seeds) / 2, abs=0.0051)  # Rounded to 2 digits., label
+
+
+def test_small_batch_table_equals_its_report():
+  report = report_finals('results/small_batch/report.md')
+  rows = readme_table('batch 8')
+  runs = [('BN, statistics over the global batch', 'b128_bn', 'b8_bn'),
+          ('BN, statistics per device', None, 'b8_bn_per_device'),
+          ('the same, 4 devices', None, 'b8_bn_per_device_4dev'),
+          ("the paper's WN", 'b128_wn_clip', 'b8_wn_clip'),
+          ('NF-ResNet', 'b128_nf', 'b8_nf')]
+  assert len(rows) == len(runs)
+  for start, b128, b8 in runs:
+    row, = (row for label, row in rows.items() if label.startswith(start))
+    assert row['batch 128'] == (report[b128][1] if b128 else '—'), start
+    assert row['batch 8'] == report[b8][1], start

@@ -237,3 +237,15 @@ def test_bad_run_dir_exits_2(runs, tmp_path, capsys, make):
   err = capsys.readouterr().err
   assert str(bad) in err and len(err.strip().splitlines()) == 1
   assert not (tmp_path / 'out').exists()
+
+
+def test_planned_length_from_float32_epochs():
+  """train/epoch is logged in float32, so 600 / float32(600 / 468) is a
+  little under 468: the planned 2 epochs must still read 936 steps, not 935."""
+  epoch = np.float32(600 / 468)
+  scalars = {logs.EPOCH: (np.array([600.0]), np.array([epoch], np.float64)),
+             'train/loss': (np.array([700.0]), np.array([1.0]))}
+  run = report.Run('r', {'num_epochs': 2, 'num_train_steps': -1}, scalars, {},
+                   report._steps_per_epoch(scalars))
+  assert run.steps_per_epoch < 468 and report._total_steps(run) == 936
+  assert report._progress_cells(run)[1] == 'no eval yet; unfinished: 700 of 936 steps'
