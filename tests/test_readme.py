@@ -77,3 +77,16 @@ def test_small_batch_table_equals_its_report():
     row, = (row for label, row in rows.items() if label.startswith(start))
     assert row['batch 128'] == (report[b128][1] if b128 else '—'), start
     assert row['batch 8'] == report[b8][1], start
+
+
+def test_low_data_table_equals_its_report():
+  report = report_finals('results/paper_lowdata/report.md')
+  rows = readme_table('low-data row (LR)')
+  runs = ['t1_bn', 't1_wn', 't1_constant_clip', 't2_wn_clip_lr0p001', 't2_wn_clip_lr0p01',
+          't2_wn_clip_dropout_lr0p01', 't3_clip10', 't4_step_lr0p001', 't4_cyclic_lr0p001',
+          't4_cyclic_lr0p01', 't5_warmup_momentum', 'f3_unnormalized']
+  assert len(rows) == len(runs)
+  for row, run in zip(rows.values(), runs):
+    train, test = report[f'{run}_lowdata']
+    assert (row['train top-1'], row['test top-1']) == (train, test), run
+    assert float(row['train − test']) == pytest.approx(float(train) - float(test), abs=0.006), run
