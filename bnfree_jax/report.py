@@ -173,7 +173,8 @@ def _total_steps(run):
   """The run's planned length, as the trainer computes it; 0 when unknown."""
   total = _get(run.config, 'num_train_steps', -1)
   if total <= 0 and run.steps_per_epoch:
-    total = round(_get(run.config, 'num_epochs', 0) * run.steps_per_epoch)  # Epochs are logged as float32.
+    # round: steps_per_epoch comes from epochs logged in float32 (467.99...).
+    total = round(_get(run.config, 'num_epochs', 0) * run.steps_per_epoch)
   return max(total, 0)
 
 

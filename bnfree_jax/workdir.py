@@ -11,10 +11,8 @@ import jax
 EXIT_BAD_INPUT = 2
 
 # Settings a workdir's runs must share: resuming across them would load
-# parameters of another architecture, or mix two experiments in one log.
-# What a resumed run must share with the one in the workdir (its data and its
-# parameters' shapes), each with the value a config.json written before the key
-# existed stands for.
+# parameters of another architecture, or mix two experiments in one log. Each
+# with the value that a config.json written before the key existed stands for.
 RUN_IDENTITY = {'dataset': None, 'train_subset': -1, 'model.name': None, 'model.norm': None,
                 'model.width': None, 'model.stem': None}
 

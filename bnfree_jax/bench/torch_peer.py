@@ -6,8 +6,9 @@ on random data, channels_last, bfloat16 AMP autocast or float32, eager or
 under torch.compile.
 
 A standalone script needing only torch and torchvision, and timm for the
-NF-ResNets (no bnfree_jax, JAX or TensorFlow), so that `python -m bnfree_jax.bench --suite gpu` can run it with
-another interpreter, each framework alone on the device:
+NF-ResNets (no bnfree_jax, JAX or TensorFlow), so that
+`python -m bnfree_jax.bench --suite gpu` can run it with another interpreter,
+each framework alone on the device:
 
   python torch_peer.py --models resnet18 --batch-size 256 --image-size 224 \
       --norms batch,weight --modes eager,compile --compute-dtype bfloat16
@@ -128,7 +129,9 @@ def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps
   optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR[norm], momentum=0.9,
                               weight_decay=1e-4)
   net = torch.compile(model) if mode == 'compile' else model
-  clipped = [p for name, p in model.named_parameters() if not name.startswith('head.')]
+  if norm == 'nf_agc':  # timm's AGC, the classifier ('head.') unclipped.
+    from timm.utils import adaptive_clip_grad
+    clipped = [p for name, p in model.named_parameters() if not name.startswith('head.')]
   loss_fn = nn.CrossEntropyLoss()
   x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(
       memory_format=torch.channels_last)
@@ -141,7 +144,6 @@ def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if norm == 'nf_agc':
-      from timm.utils import adaptive_clip_grad
       adaptive_clip_grad(clipped, clip_factor=AGC_CLIPPING)
     optimizer.step()
     return loss

@@ -18,9 +18,10 @@ from bnfree_jax.logs import format_duration
 from bnfree_jax.workdir import InputError
 
 # Table 7's rows (vanilla; non-BN; + adaptive clipping; + dropout), the
-# unnormalized network, and the normalizer-free one (its own family of models). Learning rates are the paper's for each row (Tables 1,
-# 5, Fig. 3a); they do not change the work per step, but keep the steps finite
-# (ResNet-50 WN without clipping diverges at 0.017, and NaNs are no benchmark).
+# unnormalized network, and the normalizer-free one (its own family of
+# models). Learning rates are the paper's for each row (Tables 1, 5, Fig. 3a);
+# they do not change the work per step, but keep the steps finite (ResNet-50
+# WN without clipping diverges at 0.017, and NaNs are no benchmark).
 VARIANTS = {
     'batch': dict(norm='batch', base_lr=0.1),
     'weight': dict(norm='weight', base_lr=0.001),
