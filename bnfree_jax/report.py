@@ -14,6 +14,7 @@ import os
 import sys
 from typing import NamedTuple
 
+import matplotlib
 import ml_collections
 import numpy as np
 from matplotlib.figure import Figure
@@ -254,15 +255,23 @@ def _perf_table(runs):
 
 
 def _color(i):
-  return f'C{i % 10}'
+  """tab20's dark shades (tab10's hues) for the first ten runs, then its light
+  ones, so that up to twenty runs get distinct colours."""
+  return matplotlib.colormaps['tab20']((2 * i + i // 10 % 2) % 20)
 
 
 def _figure(runs, ncols, nrows=1, height=3.6):
-  """A figure with one legend entry per run, whether or not each panel has it."""
-  fig = Figure(figsize=(5.2 * ncols, height * nrows + 0.6), layout='constrained')
+  """A figure with one legend entry per run, whether or not each panel has it;
+  as many legend columns as the longest name lets fit in the figure's width,
+  and the figure taller by the legend's rows."""
+  width = 5.2 * ncols
+  name_inches = 0.6 + 0.08 * max(len(r.name) for r in runs)  # Handle + text at 10 pt.
+  legend_cols = max(1, min(len(runs), int(width // name_inches)))
+  legend_rows = math.ceil(len(runs) / legend_cols)
+  fig = Figure(figsize=(width, height * nrows + 0.3 + 0.25 * legend_rows), layout='constrained')
   axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
   handles = [Line2D([], [], color=_color(i), label=r.name) for i, r in enumerate(runs)]
-  fig.legend(handles=handles, loc='outside lower center', ncols=min(len(runs), 4))
+  fig.legend(handles=handles, loc='outside lower center', ncols=legend_cols)
   return fig, axes
 
 

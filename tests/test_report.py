@@ -2,9 +2,12 @@
 
 import json
 import math
+import types
 
+import matplotlib.colors
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 from bnfree_jax import logs, report
 
@@ -182,7 +185,7 @@ def test_curves_are_the_logged_points(figures):
   wn, bn, figs = figures
   (wn_val,), (bn_val,) = (
       [line for line in figs['accuracy'].axes[1].lines if line.get_color() == color]
-      for color in ('C0', 'C1'))
+      for color in (report._color(0), report._color(1)))
   # Epochs on x; the abandoned attempt's 99% at step 300 is not drawn.
   np.testing.assert_allclose(wn_val.get_xdata(), [1, 2, 3, 4])
   np.testing.assert_allclose(wn_val.get_ydata(), [40, 61.25, 58, 58.75], rtol=1e-6)
@@ -203,7 +206,24 @@ def test_curves_are_the_logged_points(figures):
   np.testing.assert_allclose(norm.get_ydata(), [8.0, 4.0, 8 / 3, 2.0], rtol=1e-6)
   assert dashed.get_linestyle() == '--'
   np.testing.assert_allclose(dashed.get_ydata(), threshold, rtol=1e-6)
-  assert bn_norm.get_color() == 'C1'
+  assert bn_norm.get_color() == report._color(1)
+
+
+def test_twenty_runs_get_twenty_colours_the_first_ten_matplotlibs_own():
+  colors = [report._color(i) for i in range(20)]
+  assert len(set(colors)) == 20
+  assert colors[:10] == [matplotlib.colors.to_rgba(f'C{i}') for i in range(10)]
+
+
+@pytest.mark.parametrize('ncols', [1, 2])
+def test_a_long_legend_stays_inside_its_figure(ncols):
+  runs = [types.SimpleNamespace(name=f't6_r50_wn_monotonic_lowdata_{i}') for i in range(18)]
+  fig, _ = report._figure(runs, ncols)
+  FigureCanvasAgg(fig).draw()
+  box, (legend,) = fig.bbox, fig.legends
+  inside = legend.get_window_extent()
+  assert box.x0 <= inside.x0 and inside.x1 <= box.x1 and box.y0 <= inside.y0, (inside, box)
+  assert len(legend.get_texts()) == 18
 
 
 @pytest.mark.parametrize('mode,want', [
