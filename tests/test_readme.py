@@ -85,7 +85,8 @@ def test_low_data_table_equals_its_report():
   runs = ['t1_bn', 't1_wn', 't1_constant_clip', 't2_wn_clip_lr0p001', 't2_wn_clip_lr0p01',
           't2_wn_clip_dropout_lr0p01', 't3_clip10', 't4_step_lr0p001', 't4_cyclic_lr0p001',
           't4_cyclic_lr0p01', 't5_warmup_momentum', 'f3_unnormalized', 't6_r34_bn',
-          't6_r34_wn_monotonic', 't6_r34_wn_warmup']
+          't6_r34_wn_monotonic', 't6_r34_wn_warmup', 't6_r50_bn', 't6_r50_wn_monotonic',
+          't6_r50_wn_warmup']
   assert len(rows) == len(runs)
   for row, run in zip(rows.values(), runs):
     train, test = report[f'{run}_lowdata']
