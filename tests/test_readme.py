@@ -92,3 +92,18 @@ def test_low_data_table_equals_its_report():
     train, test = report[f'{run}_lowdata']
     assert (row['train top-1'], row['test top-1']) == (train, test), run
     assert float(row['train − test']) == pytest.approx(float(train) - float(test), abs=0.006), run
+
+
+def test_weight_decay_table_equals_its_reports():
+  reports = {'all': report_finals('results/paper_lowdata/report.md'),
+             'kernels': report_finals('results/paper_lowdata_wd_kernels/report.md')}
+  rows = readme_table('WN row, weight decay on (LR)')
+  runs = ['t1_wn', 't2_wn_clip_lr0p001', 't2_wn_clip_lr0p01', 't2_wn_clip_dropout_lr0p01',
+          't5_warmup_momentum']
+  assert len(rows) == len(runs)
+  for row, run in zip(rows.values(), runs):
+    for on, report in reports.items():
+      train, test = report[f'{run}_lowdata']
+      assert row[f'{on}: test top-1'] == test, (run, on)
+      gap = float(row[f'{on}: train − test'])
+      assert gap == pytest.approx(float(train) - float(test), abs=0.006), (run, on)
