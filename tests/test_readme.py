@@ -36,6 +36,11 @@ def report_finals(path):
                        row['val top-1 final / best'].split(' / ')[0]) for row in table}
 
 
+def assert_gap(cell, train, test, what):
+  """A README gap cell is its report's final train minus test top-1, to rounding."""
+  assert float(cell) == pytest.approx(float(train) - float(test), abs=0.006), what
+
+
 def test_paper_twins_table_equals_its_report():
   report = report_finals('results/paper_small/report.md')
   rows = readme_table('row (LR)')
@@ -61,7 +66,8 @@ def test_nf_twin_table_equals_its_report():
     run, = (p for start, p in prefixes.items() if label.startswith(start))
     seeds = [float(report[f'{run}{s}'][1]) for s in (0, 1)]
     assert [float(row['seed 0']), float(row['seed 1'])] == seeds, label
-    assert float(row['mean']) == pytest.approx(sum(seeds) / 2, abs=0.0051)  # Rounded to 2 digits., label
+    # The mean is rounded to 2 digits.
+    assert float(row['mean']) == pytest.approx(sum(seeds) / 2, abs=0.0051), label
 
 
 def test_small_batch_table_equals_its_report():
@@ -91,7 +97,7 @@ def test_low_data_table_equals_its_report():
   for row, run in zip(rows.values(), runs):
     train, test = report[f'{run}_lowdata']
     assert (row['train top-1'], row['test top-1']) == (train, test), run
-    assert float(row['train − test']) == pytest.approx(float(train) - float(test), abs=0.006), run
+    assert_gap(row['train − test'], train, test, run)
 
 
 def test_weight_decay_table_equals_its_reports():
@@ -105,5 +111,4 @@ def test_weight_decay_table_equals_its_reports():
     for on, report in reports.items():
       train, test = report[f'{run}_lowdata']
       assert row[f'{on}: test top-1'] == test, (run, on)
-      gap = float(row[f'{on}: train − test'])
-      assert gap == pytest.approx(float(train) - float(test), abs=0.006), (run, on)
+      assert_gap(row[f'{on}: train − test'], train, test, (run, on))
