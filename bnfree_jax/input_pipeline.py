@@ -25,6 +25,8 @@ from typing import Iterator
 
 import numpy as np
 
+from bnfree_jax import privacy
+
 DATASETS = ('imagenet2012', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist',
             'synthetic')
 
@@ -111,6 +113,25 @@ def train_batches(config, *, steps_per_epoch: int, start_step: int, local_batch_
   if _as_stored(config, train=True):
     return _numpy_train_batches(config, *arrays, **shard)
   return _tfds(config).train_batches(config, arrays, **shard)
+
+
+def dp_train_batches(config, *, start_step: int, process_index: int = 0,
+                     process_count: int = 1) -> Iterator[list[dict]]:
+  """Endless DP-SGD steps from start_step on: each a list of micro-batches
+  {'image', 'label', 'index' (into the training split), 'mask' (False on
+  padding)}, this process's rows of each; the examples as stored (only
+  normalized: DP augments on the device, see config.dp.augmult). Which
+  examples a step holds: privacy.step_indices."""
+  _check_shard(config.dp.microbatch_size // process_count, process_index, process_count)
+  images, labels = _arrays(config, train=True)
+  for step in itertools.count(start_step):
+    indices = privacy.step_indices(config.dp.sampling, config.seed, step, len(labels),
+                                   config.batch_size, permutation)
+    yield [{'image': _normalize(config, images[rows]), 'label': labels[rows].astype(np.int32),
+            'index': rows.astype(np.int32), 'mask': mask}
+           for rows, mask in privacy.microbatches(indices, config.dp.microbatch_size,
+                                                  process_index=process_index,
+                                                  process_count=process_count)]
 
 
 def eval_batches(config, *, local_batch_size: int, process_index: int = 0,

@@ -33,6 +33,7 @@ def _applied_average(name):
 
   @flax.struct.dataclass
   class AppliedAverage(metrics.Average):
+    output = name
 
     @classmethod
     def from_model_output(cls, **outputs):
@@ -41,6 +42,18 @@ def _applied_average(name):
           values, mask=jnp.broadcast_to(outputs['finite'], values.shape[:1]))
 
   return AppliedAverage
+
+
+def with_example_totals(collection, totals: dict, count, finite):
+  """collection with the averages of the outputs in `totals` ({output name:
+  sum over `count` examples}) set to those totals, and to nothing where the
+  step is not finite: the averages of a DP-SGD step, whose examples are
+  summed micro-batch by micro-batch and whose number varies."""
+  count = jnp.where(finite, count, 0)
+  return collection.replace(**{
+      field: metric.replace(total=jnp.where(finite, totals[metric.output], 0.0), count=count)
+      for field, metric in vars(collection).items()
+      if getattr(metric, 'output', None) in totals})
 
 
 @flax.struct.dataclass

@@ -233,6 +233,27 @@ def _results_table(runs):
   return _markdown(rows)
 
 
+def _privacy_table(runs):
+  """The DP-SGD runs' privacy and what it bought: epsilon spent at the last
+  logged step (at the run's delta), the mechanism's settings, test top-1."""
+  head = ['run', 'model', 'norm', 'ε (δ)', 'σ', 'clip C', 'expected batch', 'sampling',
+          'augmult', 'steps', 'val top-1 final', 'EMA val top-1 final']
+  rows = [head]
+  for run in runs:
+    if logs.EPSILON not in run.scalars:
+      continue
+    dp = run.config.get('dp', {})
+    steps = run.scalars[logs.EPSILON][0]
+    rows.append([
+        run.name, _get(run.config, 'model.name'), _get(run.config, 'model.norm'),
+        f'{_fmt(_last(run, logs.EPSILON))} ({dp.get("delta", "?")})',
+        _fmt(_last(run, logs.NOISE_MULTIPLIER), digits=3), dp.get('l2_clip', '?'),
+        run.config.get('batch_size', '?'), dp.get('sampling', '?'), dp.get('augmult', '?'),
+        int(steps[-1]), _fmt(_last(run, logs.tag(logs.EVAL, 'top1')), 100),
+        _fmt(_last(run, logs.tag(logs.EVAL_EMA, 'top1')), 100)])
+  return _markdown(rows) if len(rows) > 1 else None
+
+
 def _median_after_first(run, tag):
   """The first logged point includes compilation, so it is left out."""
   values = run.scalars[tag][1][1:] if tag in run.scalars else np.array([])
@@ -416,7 +437,16 @@ def write_report(run_dirs, out_dir, hist_stage='stage2', hist_layer=HIST_LAYER):
       'best: the highest logged. train − val: the final gap, the overfitting the paper '
       'discusses. Δ val compares the final validation top-1 with the '
       "paper's, for runs on the paper's dataset (ImageNet) only.",
-      '', '## Time and memory (paper Table 7)', '',
+      '']
+  privacy = _privacy_table(runs)
+  if privacy:
+    lines += ['## Differential privacy (DP-SGD)', '', privacy, '',
+              'ε: the privacy spent by the last logged step, at δ, by the run\'s accountant '
+              '(dp.accountant); with sampling=shuffle it assumes Poisson sampling and is not '
+              'a proven guarantee. σ: the noise multiplier; the noise added to the sum of '
+              'clipped gradients has std σ C.', '']
+  lines += [
+      '## Time and memory (paper Table 7)', '',
       _perf_table(runs), '',
       'Medians over the logged points after the first, which includes compilation; '
       'memory is the highest logged peak.', '', '## Figures', '']

@@ -21,8 +21,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bnfree_jax import (checkpointing, input_pipeline, logs, metrics, models, optim, runtime,
-                        workdir as workdirs)
+from bnfree_jax import (checkpointing, dp_sgd, input_pipeline, logs, metrics, models, optim,
+                        privacy, runtime, workdir as workdirs)
 from bnfree_jax.workdir import InputError, check
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -66,6 +66,10 @@ class Setup:
   total_steps: int
   eval_every_steps: int
   eval_batch_size: int
+  # DP-SGD (config.dp.enabled): the noise multiplier sigma, given or calibrated
+  # to dp.target_epsilon, and the sampling rate q; None without DP.
+  noise_multiplier: float | None = None
+  sampling_rate: float | None = None
 
 
 def setup(config, devices=None) -> Setup:
@@ -118,6 +122,8 @@ def setup(config, devices=None) -> Setup:
     extra['drop_path_rate'] = config.model.drop_path_rate
   if config.model.head_dropout_rate >= 0:
     extra['head_dropout_rate'] = config.model.head_dropout_rate
+  if config.model.norm == 'group':
+    extra['gn_groups'] = config.model.gn_groups
   if config.model.bn_stats == 'per_device':
     check(config.model.norm == 'batch',
           f"model.bn_stats='per_device' needs model.norm='batch', not {config.model.norm!r}")
@@ -139,8 +145,43 @@ def setup(config, devices=None) -> Setup:
           f'histogram_layer={config.histogram_layer!r} is not a layer of {config.model.name}; '
           f"e.g. {', '.join(layers[:3])}, ... ('' for none)")
   eval_every = config.eval_every_steps if config.eval_every_steps > 0 else steps_per_epoch
+  dp = _check_dp(config, info, num_devices, total_steps) if config.dp.enabled else {}
   return Setup(config, info, model, optimizer, mesh, steps_per_epoch,
-               total_steps, eval_every, eval_batch_size)
+               total_steps, eval_every, eval_batch_size, **dp)
+
+
+def _check_dp(config, info, num_devices: int, total_steps: int) -> dict:
+  """Refuses what would break the privacy of DP-SGD, and settles its noise."""
+  dp = config.dp
+  check(config.model.norm != 'batch',
+        "dp.enabled=True with model.norm='batch': batch norm mixes the examples of a batch, "
+        "so an example's gradient is not its own and clipping it bounds nothing; use "
+        "model.norm='weight', 'group' or 'none', or an nf_* model")
+  check(not config.model.wn_data_init,
+        'dp.enabled=True with model.wn_data_init=True: that init reads training examples '
+        'outside the private mechanism; set it False')
+  check(config.dataset != 'imagenet2012',
+        'dp.enabled=True needs a dataset held in memory (Poisson sampling may pick any '
+        'example at any step), not imagenet2012')
+  check(dp.sampling in privacy.SAMPLINGS,
+        f"dp.sampling={dp.sampling!r} is not one of: {', '.join(privacy.SAMPLINGS)}")
+  check(dp.accountant in privacy.ACCOUNTANTS,
+        f"dp.accountant={dp.accountant!r} is not one of: {', '.join(privacy.ACCOUNTANTS)}")
+  check(dp.l2_clip > 0, f'dp.l2_clip={dp.l2_clip!r} must be > 0')
+  check(0 < dp.delta < 1, f'dp.delta={dp.delta!r} must be in (0, 1)')
+  check((dp.noise_multiplier >= 0) != (dp.target_epsilon > 0),
+        f'set exactly one of dp.noise_multiplier (>= 0, now {dp.noise_multiplier!r}) and '
+        f'dp.target_epsilon (> 0, now {dp.target_epsilon!r}); -1 leaves one unset')
+  check(isinstance(dp.microbatch_size, int) and dp.microbatch_size > 0
+        and dp.microbatch_size % num_devices == 0,
+        f'dp.microbatch_size={dp.microbatch_size!r} must be a positive multiple of the '
+        f'{num_devices} devices')
+  check(isinstance(dp.augmult, int) and dp.augmult >= 0,
+        f'dp.augmult={dp.augmult!r} must be an integer >= 0 (0: no augmentation)')
+  q = config.batch_size / info.num_train
+  sigma = (dp.noise_multiplier if dp.noise_multiplier >= 0 else
+           privacy.calibrate_noise(dp.target_epsilon, dp.delta, q, total_steps, dp.accountant))
+  return {'noise_multiplier': sigma, 'sampling_rate': q}
 
 
 # ---------------------------------------------------------------- steps ----
@@ -184,8 +225,16 @@ def _loss_and_grads(model, state, batch, dropout_key, label_smoothing):
   return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
 
 
+# Tags of the per-step random streams, each a function of (seed, step) alone.
+_DROPOUT, _DP_NOISE, _DP_AUGMENT = 1, 2, 3
+
+
+def _step_key(config, stream: int, step):
+  return jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), stream), step)
+
+
 def _dropout_key(config, step):
-  return jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), 1), step)
+  return _step_key(config, _DROPOUT, step)
 
 
 def train_step(state: TrainState, batch, *, s: Setup):
@@ -195,6 +244,28 @@ def train_step(state: TrainState, batch, *, s: Setup):
       s.model, state, batch, _dropout_key(s.config, state.step), s.config.label_smoothing)
   grad_norm = optax.tree.norm(grads)  # Before clipping.
   finite = jnp.isfinite(per_example['loss']).all() & jnp.isfinite(grad_norm)
+  threshold = (s.optimizer.clip_threshold(state.step)
+               if s.optimizer.clip_threshold else jnp.inf)
+  return _update(
+      s, state, grads, finite, batch_stats,
+      lambda new: metrics.TrainMetrics.single_from_model_output(
+          **per_example, grad_norm=grad_norm, clipped=(grad_norm > threshold).astype(jnp.float32),
+          **_step_outputs(s, state, new, threshold, finite)),
+      metrics.EpochMetrics.single_from_model_output(**per_example, finite=finite)), finite
+
+
+def _step_outputs(s: Setup, state, new, threshold, finite) -> dict:
+  """The train metrics' outputs that are one value per step."""
+  return dict(learning_rate=s.optimizer.learning_rate(state.step),
+              clip_threshold=jnp.asarray(threshold, jnp.float32),
+              param_norm=optax.tree.norm(new.params),
+              skipped_steps=new.skipped.astype(jnp.float32), finite=finite)
+
+
+def _update(s: Setup, state, grads, finite, batch_stats, step_metrics, epoch_metrics):
+  """The state after the optimizer's update with `grads` where finite (see
+  apply_if_finite), with the step's metrics accumulated: step_metrics(new
+  state) and epoch_metrics."""
   params, opt_state = apply_if_finite(s.optimizer.tx, grads, finite, state.params,
                                       state.opt_state)
   new = state.replace(
@@ -204,21 +275,96 @@ def train_step(state: TrainState, batch, *, s: Setup):
       skipped=state.skipped + (~finite).astype(jnp.int32))
   new = new.replace(ema=_ema_update(s.config, state.step, state.ema,
                                     {'params': new.params, 'batch_stats': new.batch_stats}))
-
-  threshold = (s.optimizer.clip_threshold(state.step)
-               if s.optimizer.clip_threshold else jnp.inf)
-  step_metrics = metrics.TrainMetrics.single_from_model_output(
-      **per_example, grad_norm=grad_norm, clipped=(grad_norm > threshold).astype(jnp.float32),
-      learning_rate=s.optimizer.learning_rate(state.step),
-      clip_threshold=jnp.asarray(threshold, jnp.float32),
-      param_norm=optax.tree.norm(new.params), skipped_steps=new.skipped.astype(jnp.float32),
-      finite=finite)
-  epoch_metrics = metrics.EpochMetrics.single_from_model_output(**per_example, finite=finite)
   return new.replace(
-      train_metrics=_accumulate(state.train_metrics, step_metrics,
+      train_metrics=_accumulate(state.train_metrics, step_metrics(new),
                                 fresh=state.step % s.config.log_every_steps == 0),
       epoch_metrics=_accumulate(state.epoch_metrics, epoch_metrics,
-                                fresh=state.step % s.steps_per_epoch == 0)), finite
+                                fresh=state.step % s.steps_per_epoch == 0))
+
+
+# DP-SGD's step: dp_accumulate (dp_sums of each device's rows) over the
+# step's micro-batches, then dp_apply.
+# Per-example sums of the micro-batches: the clipped gradients ('grads') and
+# the metrics' totals over `count` real (unmasked) examples.
+_DP_SUMS = ('loss', 'top1', 'top5', 'grad_norm', 'clipped')
+
+
+def dp_zeros(params) -> dict:
+  return {'grads': jax.tree.map(jnp.zeros_like, params), 'count': jnp.zeros((), jnp.int32),
+          **{k: jnp.zeros((), jnp.float32) for k in _DP_SUMS}}
+
+
+def dp_sums(state: TrainState, batch, *, s: Setup) -> dict:
+  """The sums of one micro-batch: each real example's gradient clipped to
+  dp.l2_clip (with dp.augmult > 0 the gradient of its mean loss over that
+  many augmented copies), and its metrics. Its random streams (dropout,
+  augmentation) are keyed by (seed, step, the example's index), so the same
+  step gives the same sums however the examples are split over micro-batches
+  and devices."""
+  c = s.config
+  dropout_key = _dropout_key(c, state.step)
+  augment_key = _step_key(c, _DP_AUGMENT, state.step)
+
+  def example_grad(params, example):
+    image, index = example['image'], example['index']
+    images = (image[None] if c.dp.augmult == 0 else
+              dp_sgd.augment(image, jax.random.fold_in(augment_key, index), c.dp.augmult))
+
+    def loss_fn(params):
+      logits = s.model.apply({'params': params, 'batch_stats': state.batch_stats}, images,
+                             train=True, rngs={'dropout': jax.random.fold_in(dropout_key, index)})
+      per_example = metrics.per_example(
+          logits, jnp.broadcast_to(example['label'], images.shape[:1]), c.label_smoothing)
+      return per_example['loss'].mean(), {k: v.mean() for k, v in per_example.items()}
+    return jax.grad(loss_fn, has_aux=True)(params)
+
+  mask = batch['mask']
+  grads, per_example, norms = dp_sgd.clipped_sum(
+      example_grad, state.params, {k: batch[k] for k in ('image', 'label', 'index')}, mask,
+      c.dp.l2_clip)
+  per_example.update(grad_norm=norms, clipped=(norms > c.dp.l2_clip).astype(jnp.float32))
+  new = {k: jnp.sum(jnp.where(mask, per_example[k], 0.0)) for k in _DP_SUMS}
+  new.update(grads=grads, count=jnp.sum(mask, dtype=jnp.int32))
+  return new
+
+
+def dp_accumulate(s: Setup):
+  """(state, sums, micro-batch) -> sums plus the micro-batch's, each device
+  summing its own rows (shard_map), then one all-reduce. Not left to XLA's
+  partitioner: on a batch sharded over devices it computes the vmapped
+  per-example filter gradients of the rows past the first device as zeros
+  (jax 0.10.2, CPU; tests/test_dp_sgd.py compares 1, 2 and 4 devices)."""
+  def accumulate(state, sums, batch):
+    # Each device differentiates its own copy of the parameters: the gradient
+    # of a replicated input would be summed over the devices, per example.
+    state = state.replace(params=jax.lax.pcast(state.params, 'data', to='varying'))
+    return jax.tree.map(jnp.add, sums, jax.lax.psum(dp_sums(state, batch, s=s), 'data'))
+  return jax.shard_map(accumulate, mesh=s.mesh, in_specs=(P(), P(), P('data')), out_specs=P())
+
+
+def dp_apply(state: TrainState, sums: dict, *, s: Setup):
+  """The DP-SGD update from a step's sums: one Gaussian draw of std
+  noise_multiplier * l2_clip (keyed by (seed, step)) added to the summed
+  clipped gradients, divided by the expected batch size, then the optimizer.
+  (state, sums) -> (state, finite); train/grad_norm is then the mean
+  per-example norm before clipping, train/clipped_fraction the fraction of
+  examples clipped."""
+  c = s.config
+  noise = dp_sgd.gaussian_noise(_step_key(c, _DP_NOISE, state.step), sums['grads'],
+                                s.noise_multiplier * c.dp.l2_clip)
+  grads = jax.tree.map(lambda g, n: (g + n) / c.batch_size, sums['grads'], noise)
+  finite = jnp.isfinite(sums['loss']) & jnp.isfinite(optax.tree.norm(grads))
+  totals = {k: sums[k] for k in _DP_SUMS}
+  zeros = {k: jnp.zeros(()) for k in _DP_SUMS}  # Outputs whose totals come from sums.
+  return _update(
+      s, state, grads, finite, state.batch_stats,
+      lambda new: metrics.with_example_totals(
+          metrics.TrainMetrics.single_from_model_output(
+              **zeros, **_step_outputs(s, state, new, c.dp.l2_clip, finite)),
+          totals, sums['count'], finite),
+      metrics.with_example_totals(
+          metrics.EpochMetrics.single_from_model_output(**zeros, finite=finite),
+          totals, sums['count'], finite)), finite
 
 
 def _accumulate(total, step_metrics, fresh):
@@ -261,11 +407,32 @@ def apply_if_finite(tx, grads, finite, params, opt_state):
 
 
 def jit_train_step(s: Setup):
-  """The compiled train step the loop runs (and the bench measures). The state
-  is donated, so its buffers are reused for the new state."""
+  """The compiled train step the loop runs (and the bench measures):
+  (state, batch) -> (state, finite). The state is donated, so its buffers are
+  reused for the new state.
+
+  With DP-SGD the batch is the step's list of micro-batches, whose number
+  varies with the Poisson sample: one compiled program accumulates each
+  micro-batch and another applies the step's noisy update, so no batch size
+  is ever recompiled for, truncated or dropped, and memory stays that of one
+  micro-batch.
+  """
   replicated, data = NamedSharding(s.mesh, P()), NamedSharding(s.mesh, P('data'))
-  return jax.jit(functools.partial(train_step, s=s), donate_argnums=0,
-                 in_shardings=(replicated, data), out_shardings=replicated)
+  if not s.config.dp.enabled:
+    return jax.jit(functools.partial(train_step, s=s), donate_argnums=0,
+                   in_shardings=(replicated, data), out_shardings=replicated)
+  zeros = jax.jit(dp_zeros, out_shardings=replicated)
+  accumulate = jax.jit(dp_accumulate(s), donate_argnums=1,
+                       in_shardings=(replicated, replicated, data), out_shardings=replicated)
+  apply = jax.jit(functools.partial(dp_apply, s=s), donate_argnums=0,
+                  in_shardings=(replicated, replicated), out_shardings=replicated)
+
+  def dp_step(state, microbatches):
+    sums = zeros(state.params)
+    for batch in microbatches:
+      sums = accumulate(state, sums, batch)
+    return apply(state, sums)
+  return dp_step
 
 
 def gradient_summaries(state: TrainState, batch, *, s: Setup):
@@ -284,11 +451,6 @@ def eval_step(variables, batch, *, s: Setup):
   logits = s.model.apply(variables, batch['image'], train=False)
   return metrics.EvalMetrics.single_from_model_output(
       **metrics.per_example(logits, batch['label']), mask=batch['mask'])
-
-
-# ----------------------------------------------------------------- loop ----
-
-
 
 
 # ----------------------------------------------------------------- loop ----
@@ -354,8 +516,10 @@ def _log_train(s: Setup, writer, step: int, state, train_seconds: float, steps: 
   train_seconds (evaluations excluded)."""
   values = {logs.tag(logs.TRAIN, k): float(v)
             for k, v in state.train_metrics.compute().items()}
-  if s.optimizer.clip_threshold is None:
+  if s.optimizer.clip_threshold is None and not s.config.dp.enabled:
     del values['train/clip_threshold'], values['train/clipped_fraction']
+  if s.config.dp.enabled:
+    values.update({logs.EPSILON: dp_epsilon(s, step), logs.NOISE_MULTIPLIER: s.noise_multiplier})
   images_per_sec = steps * s.config.batch_size / train_seconds
   values.update({logs.EPOCH: step / s.steps_per_epoch,
                  logs.STEPS_PER_SEC: steps / train_seconds,
@@ -367,6 +531,26 @@ def _log_train(s: Setup, writer, step: int, state, train_seconds: float, steps: 
        step, s.total_steps, values[logs.EPOCH], values['train/loss'],
        100 * values['train/top1'], images_per_sec,
        logs.format_duration((s.total_steps - step) * train_seconds / steps))
+
+
+def dp_epsilon(s: Setup, steps: int) -> float:
+  """The epsilon (at dp.delta) spent by `steps` DP-SGD steps of this run."""
+  dp = s.config.dp
+  return privacy.epsilon(s.sampling_rate, s.noise_multiplier, steps, dp.delta, dp.accountant)
+
+
+def _log_dp(s: Setup):
+  dp = s.config.dp
+  sigma = (f'{s.noise_multiplier:.4f} (calibrated to epsilon {dp.target_epsilon})'
+           if dp.target_epsilon > 0 else f'{s.noise_multiplier:.4f}')
+  _log('DP-SGD: %s sampling, q=%.6f (expected batch %d of %d), micro-batches of %d, '
+       'l2_clip %g, noise multiplier %s, augmult %d; epsilon after the %d planned steps: '
+       '%.3f at delta=%g (%s).', dp.sampling, s.sampling_rate, s.config.batch_size,
+       s.info.num_train, dp.microbatch_size, dp.l2_clip, sigma, dp.augmult, s.total_steps,
+       dp_epsilon(s, s.total_steps), dp.delta, dp.accountant)
+  if dp.sampling == 'shuffle':
+    _log("DP-SGD: dp.sampling='shuffle' takes fixed-size batches of a shuffled epoch; the "
+         'epsilon logged assumes Poisson sampling and is not a proven guarantee for it.')
 
 
 def _log_epoch(writer, step: int, state):
@@ -411,10 +595,12 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
   eval_fn = jax.jit(functools.partial(eval_step, s=s), out_shardings=replicated)
   summaries_fn = jax.jit(functools.partial(gradient_summaries, s=s),
                          out_shardings=replicated)
-  train_batches = functools.partial(
-      input_pipeline.train_batches, config, steps_per_epoch=s.steps_per_epoch,
-      local_batch_size=config.batch_size // jax.process_count(),
-      process_index=jax.process_index(), process_count=jax.process_count())
+  shard = dict(process_index=jax.process_index(), process_count=jax.process_count())
+  train_batches = (
+      functools.partial(input_pipeline.dp_train_batches, config, **shard) if config.dp.enabled
+      else functools.partial(input_pipeline.train_batches, config,
+                             steps_per_epoch=s.steps_per_epoch,
+                             local_batch_size=config.batch_size // jax.process_count(), **shard))
 
   # ----- State: the newest readable checkpoint, else a fresh initialization.
   # The manager's start is the first collective of the run.
@@ -447,6 +633,8 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
          'global batch %d over %d devices.', config.model.name, config.model.norm,
          s.info.name, start, s.total_steps, s.total_steps, s.steps_per_epoch,
          config.batch_size, s.mesh.devices.size)
+    if config.dp.enabled:
+      _log_dp(s)
     if s.optimizer.warmup_steps >= s.total_steps:
       _log('The LR warm-up (%d steps) outlasts the run: the LR rises for all of it.',
            s.optimizer.warmup_steps)
@@ -460,7 +648,8 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
     batches = train_batches(start_step=start)
     for step in range(start, s.total_steps):
       batch = runtime.global_array(data, next(batches))
-      if step % config.histogram_every_steps == 0:
+      # Under DP the gradient summaries would publish the non-private gradient.
+      if not config.dp.enabled and step % config.histogram_every_steps == 0:
         norms, samples = summaries_fn(state, batch)
         writer.write_scalars(step, {logs.tag(logs.LAYER_GRAD_NORM, k): v
                                     for k, v in norms.items()})

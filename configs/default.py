@@ -32,7 +32,7 @@ def get_config():
 
   c.model = ml_collections.ConfigDict(dict(
       name='resnet18',      # resnet18|34|50|101|152, nf_resnet18|26|34|50|101
-      norm='batch',         # batch | weight | none; nf_*: scaled_ws (their only one)
+      norm='batch',         # batch | weight | group | none; nf_*: scaled_ws (their only one)
       width=64,
       dropout_rate=0.0,
       # Dropout before the classifier (resnet*); -1 -> dropout_rate, as in the blocks.
@@ -43,6 +43,8 @@ def get_config():
       # norm='batch': 'global' statistics over the whole batch (synced BN), or
       # 'per_device' over each device's shard, as PyTorch DataParallel/DDP.
       bn_stats='global',
+      # norm='group': GroupNorm with gcd(gn_groups, width) groups in every layer.
+      gn_groups=16,
   ))
 
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -82,6 +84,31 @@ def get_config():
       final_threshold=1.0,  # log*: the last epoch's threshold.
       agc_clipping=0.01,    # agc: unit-wise ratio |g|/|w| (Brock et al. 2021).
       agc_eps=1e-3,
+  ))
+
+  # Differentially private training (DP-SGD, Abadi et al. 2016; README's
+  # "Differential privacy"). With enabled=True each step sees a Poisson sample
+  # of the training set of expected size batch_size; each example's gradient
+  # is clipped to L2 norm l2_clip, the clipped gradients summed, one Gaussian
+  # draw of std noise_multiplier * l2_clip added and the sum divided by
+  # batch_size; then the optimizer above. Needs an in-memory dataset and a
+  # norm that keeps examples apart (not 'batch').
+  c.dp = ml_collections.ConfigDict(dict(
+      enabled=False,
+      l2_clip=1.0,
+      # Exactly one of these two: the noise multiplier sigma, or the epsilon
+      # (at delta, after the planned steps) that sigma is calibrated to.
+      noise_multiplier=-1.0,
+      target_epsilon=-1.0,
+      delta=1e-5,
+      accountant='pld',        # pld | rdp: computes the logged train/epsilon.
+      # poisson: what the accountant assumes. shuffle: fixed-size batches of a
+      # shuffled epoch, for comparison only: its epsilon assumes Poisson.
+      sampling='poisson',
+      microbatch_size=256,     # Examples per vmapped chunk (global): bounds memory.
+      # > 0: each example's gradient is the mean over this many random
+      # pad-crop-flip copies, before clipping (De et al. 2022); 0: as stored.
+      augmult=0,
   ))
 
   c.seed = 0

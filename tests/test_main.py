@@ -153,6 +153,16 @@ def cli(tmp_path_factory):
                                               workdir=root / 'same_model'),
                                          f'workdir {root}/same_model holds a run with '
                                          'train_subset=-1, not 64: use another --workdir'),
+      'dp with batch norm': (argv('dpb', '--config.dp.enabled=True', '--config.dp.noise_multiplier=1',
+                                  '--config.model.norm=batch'),
+                             "dp.enabled=True with model.norm='batch': batch norm mixes the "
+                             'examples of a batch'),
+      'dp without noise settled': (argv('dpn', '--config.dp.enabled=True'),
+                                   'set exactly one of dp.noise_multiplier'),
+      'dp micro-batch vs devices': (argv('dpm', '--config.dp.enabled=True',
+                                         '--config.dp.noise_multiplier=1',
+                                         '--config.dp.microbatch_size=6'),
+                                    'dp.microbatch_size=6 must be a positive multiple of the 4'),
       'workdir with a broken config.json': (argv('j', workdir=root / 'broken_run'),
                                             f'{root}/broken_run/config.json is not valid JSON'),
       # Refused before the existing run's config.json is rewritten.

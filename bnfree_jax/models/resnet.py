@@ -1,10 +1,13 @@
-"""ResNet family (torchvision v1.5 layout) with batch-, weight- or no normalization.
+"""ResNet family (torchvision v1.5 layout) with batch-, weight-, group- or no
+normalization.
 
 norm='batch' is torchvision's ResNet exactly; norm='weight' is the paper's
-modified block (Fig. 1b): every conv weight-normalized with a bias, no BN.
+modified block (Fig. 1b): every conv weight-normalized with a bias, no BN;
+norm='group' puts GroupNorm where BN was (as Opacus's ModuleValidator does).
 """
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,22 +20,30 @@ from bnfree_jax.models.layers import HE_INIT, Dropout, GroupedBatchNorm, WNConv
 # A flax layer constructor: functools.partial of a module class, called with name=.
 ModuleDef = Any
 
-# norm -> (conv, norm layer or None) for (dtype, train, bn_groups): a new kind is
-# one entry here.
+# norm -> (conv, norm layer or None) for a ResNet `m` (its dtype, bn_groups,
+# gn_groups) in train mode or not: a new kind is one entry here.
 LAYERS = {
     # Under BN a conv bias is redundant (torchvision has none). torchvision's momentum
     # 0.1 weighs the new batch; flax's weighs the running mean. bn_groups > 1:
     # statistics per device (DDP's), else over the global batch (synchronized BN).
-    'batch': lambda dtype, train, bn_groups: (
-        functools.partial(nn.Conv, use_bias=False, kernel_init=HE_INIT, dtype=dtype),
-        functools.partial(GroupedBatchNorm, num_groups=bn_groups, use_running_average=not train,
-                          momentum=0.9, epsilon=1e-5, dtype=dtype) if bn_groups > 1 else
+    'batch': lambda m, train: (
+        functools.partial(nn.Conv, use_bias=False, kernel_init=HE_INIT, dtype=m.dtype),
+        functools.partial(GroupedBatchNorm, num_groups=m.bn_groups, use_running_average=not train,
+                          momentum=0.9, epsilon=1e-5, dtype=m.dtype) if m.bn_groups > 1 else
         functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
-                          epsilon=1e-5, dtype=dtype)),
-    'weight': lambda dtype, train, bn_groups: (
-        functools.partial(WNConv, kernel_init=HE_INIT, dtype=dtype), None),
-    'none': lambda dtype, train, bn_groups: (
-        functools.partial(nn.Conv, use_bias=True, kernel_init=HE_INIT, dtype=dtype), None),
+                          epsilon=1e-5, dtype=m.dtype)),
+    'weight': lambda m, train: (
+        functools.partial(WNConv, kernel_init=HE_INIT, dtype=m.dtype), None),
+    'none': lambda m, train: (
+        functools.partial(nn.Conv, use_bias=True, kernel_init=HE_INIT, dtype=m.dtype), None),
+    # Statistics per example (Wu & He 2018): no example sees another's, so
+    # per-example gradients (DP-SGD) stay the examples' own. Every layer's
+    # channel count is a multiple of the width, so gcd(gn_groups, width)
+    # groups divide them all; torch's GroupNorm epsilon.
+    'group': lambda m, train: (
+        functools.partial(nn.Conv, use_bias=False, kernel_init=HE_INIT, dtype=m.dtype),
+        functools.partial(nn.GroupNorm, num_groups=math.gcd(m.gn_groups, m.width),
+                          epsilon=1e-5, dtype=m.dtype)),
 }
 NORMS = tuple(LAYERS)
 STEMS = ('imagenet', 'small')
@@ -127,6 +138,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   head_dropout_rate: float | None = None  # Before the classifier; None: dropout_rate.
   bn_groups: int = 1  # norm='batch': batch statistics per this many slices (devices).
+  gn_groups: int = 16  # norm='group': at most this many groups (gcd with the width).
 
   def __post_init__(self):
     if self.norm not in NORMS:
@@ -136,11 +148,13 @@ class ResNet(nn.Module):
       raise ValueError(f'head_dropout_rate={self.head_dropout_rate!r} must be in [0, 1)')
     if not (isinstance(self.bn_groups, int) and self.bn_groups > 0):
       raise ValueError(f'bn_groups={self.bn_groups!r} must be a positive integer')
+    if not (isinstance(self.gn_groups, int) and self.gn_groups > 0):
+      raise ValueError(f'gn_groups={self.gn_groups!r} must be a positive integer')
     super().__post_init__()
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    conv, norm = LAYERS[self.norm](self.dtype, train, self.bn_groups)
+    conv, norm = LAYERS[self.norm](self, train)
     kernel, strides = (7, 2) if self.stem == 'imagenet' else (3, 1)
     x = square_conv(conv, self.width, kernel, strides, 'stem_conv')(x)
     x = nn.relu(x if norm is None else norm(name='stem_norm')(x))

@@ -85,9 +85,10 @@ def test_module_names_and_feature_map_shapes(norm):
   x = jnp.zeros((1, 224, 224, 3))
   params = _abstract_variables(model, x)['params']
   blocks = {f'stage{i}_block{j}' for i in range(1, 5) for j in range(2)}
-  bn = norm == 'batch'
+  bn = norm in ('batch', 'group')  # A norm layer after each conv.
   assert set(params) == blocks | {'stem_conv', 'head'} | ({'stem_norm'} if bn else set())
-  conv_params = {'batch': {'kernel'}, 'weight': {'v', 'g', 'bias'}, 'none': {'kernel', 'bias'}}
+  conv_params = {'batch': {'kernel'}, 'weight': {'v', 'g', 'bias'}, 'none': {'kernel', 'bias'},
+                 'group': {'kernel'}}
   block = params['stage2_block0']
   expected = {'conv1', 'conv2', 'proj_conv'} | ({'norm1', 'norm2', 'proj_norm'} if bn else set())
   assert set(block) == expected
@@ -186,9 +187,15 @@ def _reference(variables, x, norm, train):
     pad = kernel.shape[0] // 2
     y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(pad, pad)] * 2,
                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y if norm == 'batch' else y + q['bias']
+    return y if norm in ('batch', 'group') else y + q['bias']
 
   def bn(path, y):
+    if norm == 'group':  # Per example, over gcd(16, width 8) = 8 groups of channels.
+      g = y.reshape(*y.shape[:3], 8, -1)
+      mean, var = g.mean((1, 2, 4), keepdims=True), g.var((1, 2, 4), keepdims=True)
+      y = ((g - mean) / jnp.sqrt(var + 1e-5)).reshape(y.shape)
+      q = _at(params, path)
+      return y * q['scale'] + q['bias']
     if norm != 'batch':
       return y
     if train:
@@ -431,3 +438,27 @@ def test_head_dropout_rate_is_apart_from_the_branch_dropout():
   assert not np.allclose(run(dropout_rate=0.3, head_dropout_rate=0.0), eval_logits, atol=1e-3)
   with pytest.raises(ValueError, match=r'head_dropout_rate=1.0 must be in \[0, 1\)'):
     _tiny('resnet18', 'weight', head_dropout_rate=1.0)
+
+
+def test_group_norm_keeps_examples_apart():
+  """An example's logits and its gradient are the same alone or beside
+  another one: what per-example gradients (DP-SGD) need, and BN breaks."""
+  def grads(norm, x):
+    model = _tiny('resnet18', norm, dropout_rate=0.0)
+    variables = _variables('resnet18', norm)
+
+    def loss(params):
+      logits, _ = model.apply({**variables, 'params': params}, x, train=True,
+                              mutable=['batch_stats'])
+      return logits[0].sum()
+    return jax.grad(loss)(variables['params'])
+  for norm in NORMS:
+    alone, together = grads(norm, X[:1]), grads(norm, X)
+    same = all(np.allclose(a, b, rtol=1e-5, atol=1e-6)
+               for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(together)))
+    assert same == (norm != 'batch'), norm
+  params = _variables('resnet18', 'group')['params']
+  assert params['stage1_block0']['norm1']['scale'].shape == (8,)
+  # gcd(16, 12) = 4 groups, dividing every layer's 12 * 2^i channels.
+  model = ResNet18(num_classes=10, width=12, stem='small', norm='group')
+  assert model.apply(model.init(KEY(0), X, train=False), X, train=False).shape == (2, 10)

@@ -1,0 +1,56 @@
+"""Differential privacy, device side: per-example clipped gradient sums, the
+Gaussian noise, and augmentation multiplicity. The trainer's DP step
+(train.dp_accumulate, train.dp_apply) assembles them; bnfree_jax/privacy.py
+samples the batches and accounts for the privacy spent.
+"""
+
+import jax
+import jax.numpy as jnp
+
+AUGMENT_PAD = 4  # Pixels of pad-crop (reflected), as CIFAR's usual 4.
+# Keeps C / ||g|| finite for a zero gradient and the clipped norm strictly
+# below C in float32 (Opacus's 1e-6).
+_NORM_EPS = 1e-6
+
+
+def augment(image: jax.Array, key: jax.Array, copies: int) -> jax.Array:
+  """`copies` random pad-crop-flips [copies, H, W, C] of one image [H, W, C]."""
+  padded = jnp.pad(image, ((AUGMENT_PAD,) * 2, (AUGMENT_PAD,) * 2, (0, 0)), mode='reflect')
+
+  def one(key):
+    crop_key, flip_key = jax.random.split(key)
+    top, left = jax.random.randint(crop_key, (2,), 0, 2 * AUGMENT_PAD + 1)
+    crop = jax.lax.dynamic_slice(padded, (top, left, 0), image.shape)
+    return jnp.where(jax.random.bernoulli(flip_key), crop[:, ::-1], crop)
+  return jax.vmap(one)(jax.random.split(key, copies))
+
+
+def clipped_sum(example_grad, params, examples, mask, l2_clip: float):
+  """(sum over examples of each gradient clipped to L2 norm l2_clip, the
+  examples' auxiliary outputs, their gradient norms before clipping).
+
+  example_grad(params, example) -> (gradient tree, aux) for one example (a
+  pytree of per-example rows); it is vmapped over the rows of `examples`.
+  Rows whose mask is False contribute exactly zero.
+  """
+  grads, aux = jax.vmap(example_grad, in_axes=(None, 0))(params, examples)
+  norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
+                       for g in jax.tree.leaves(grads)))
+  scale = jnp.where(mask, jnp.minimum(1.0, l2_clip / (norms + _NORM_EPS)), 0.0)
+  # where, not a product: a masked row with a non-finite gradient adds nothing either.
+  summed = jax.tree.map(
+      lambda g: jnp.sum(jnp.where(mask.reshape(-1, *[1] * (g.ndim - 1)),
+                                  g * scale.reshape(-1, *[1] * (g.ndim - 1)).astype(g.dtype),
+                                  0), axis=0),
+      grads)
+  return summed, aux, norms
+
+
+def gaussian_noise(key: jax.Array, like, std) -> dict:
+  """N(0, std^2) of the shapes and dtypes of the tree `like`: one draw for the
+  whole tree, a function of the key alone, so every device and every mesh
+  size adds the same noise."""
+  leaves, treedef = jax.tree.flatten(like)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree.unflatten(treedef, [std * jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
+                                      for k, x in zip(keys, leaves)])
