@@ -87,7 +87,7 @@ def _numpy_batches(ds):
   """The batches as numpy, prefetched, with tf.data's autotuning off: deleting
   an autotuned iterator waits for its model thread to wake, which stalled the
   trainer 9-21 s at the end of each epoch, eval and run. Off, the maps keep
-  their rate (python -m bnfree_jax.bench --input: README)."""
+  their rate (python -m bnfree_jax.bench --input: docs/speed_and_memory.md)."""
   options = tf.data.Options()
   options.autotune.enabled = False
   return ds.prefetch(_PREFETCH_BATCHES).with_options(options).as_numpy_iterator()

@@ -59,6 +59,15 @@ def run_in(tmp_path, command, uid, sudo=True, installed='', apt_exit=0):
   return proc.returncode, proc.stderr, calls.read_text().splitlines()
 
 
+def test_ci_runs_the_setup_script_and_the_readme_test_command():
+  tests_section = (REPO / 'README.md').read_text().split('\n## Tests\n', 1)[1]
+  command = re.search(r'```bash\n(.*?)\n```', tests_section)[1]
+  assert command == 'python3 -m pytest -q -n 2 --dist loadfile tests'
+  ci = [line for line in (REPO / '.ci/run').read_text().splitlines()
+        if line and not line.startswith('#')]
+  assert 'sh scripts/setup.sh' in ci and ci[-1] == command
+
+
 def test_readme_has_the_two_setup_commands_without_sudo():
   commands = readme_setup_commands()
   assert len(commands) == 2, commands
