@@ -2,6 +2,7 @@
 results/ say: every number of theirs is looked up in its report; and every
 page of docs/ is linked from README, every link there leading to a file."""
 
+import json
 import pathlib
 import re
 
@@ -147,3 +148,14 @@ def test_every_docs_page_is_listed_in_readme_and_every_link_resolves():
   for page in [REPO / 'README.md', *pages]:
     for target in re.findall(r'\]\(([^)#]+)[^)]*\)', page.read_text()):
       assert '://' in target or (page.parent / target).exists(), (page.name, target)
+
+
+def test_lr_find_table_equals_its_sweeps():
+  rows = readme_table('lowest loss')
+  assert len(rows) == 5
+  for label, row in rows.items():
+    result = json.loads((REPO / 'results/lr_find' / label.strip('`').split(':')[0]
+                         / 'lr_find.json').read_text())
+    for column, key in (('steepest', 'steepest'), ('lowest loss', 'largest'),
+                        ('diverged at', 'diverged_at')):
+      assert row[column] == f'{result[key]:.2g}', (label, column)
