@@ -13,7 +13,8 @@ split, in their stored order; the epochs above are then epochs of those N.
 Data held in memory and fed as it is (synthetic, MNIST-style IDX files) is
 batched here with numpy; everything else (tfds reading, JPEG decoding,
 augmentation, resizing) goes through tf.data in input_tfds, which is the only
-module that imports TensorFlow.
+module that imports TensorFlow. What both read (each dataset's facts, the epoch
+order) is in bnfree_jax.datasets: this module imports input_tfds, not back.
 """
 
 import dataclasses
@@ -26,26 +27,13 @@ from typing import Iterator
 import numpy as np
 
 from bnfree_jax import privacy
+from bnfree_jax.datasets import (AUGMENTED, DATASETS, SPECS, image_size, native_size,
+                                 normalization, permutation)
 
-DATASETS = ('imagenet2012', 'cifar10', 'cifar100', 'mnist', 'fashion_mnist',
-            'synthetic')
-
-# name: (num_classes, native image side, per-channel mean, std on a 0..1 scale).
-# synthetic takes its classes and side from config.synthetic; its mean and std
-# follow from how _synthetic draws pixels.
-SPECS = {
-    'imagenet2012': (1000, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    'cifar10': (10, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': (100, 32, (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    'mnist': (10, 28, (0.1307,), (0.3081,)),
-    'fashion_mnist': (10, 28, (0.2860,), (0.3530,)),
-    'synthetic': (None, None, (0.5,), (0.24,)),
-}
 _IDX_FILES = ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz',
               't10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')
 _DEBIAN_IDX_DIRS = {'fashion_mnist': '/usr/share/datasets/fashion-mnist'}
 _IDX_DATASETS = ('mnist', 'fashion_mnist')
-_AUGMENTED = ('cifar10', 'cifar100')  # Pad-crop-flip in training.
 
 
 class DataNotFoundError(ValueError):
@@ -151,26 +139,6 @@ def eval_batches(config, *, local_batch_size: int, process_index: int = 0,
                               image_shape=info.image_shape, **shard)
 
 
-def permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
-  """The order in which epoch `epoch` reads an in-memory training split."""
-  return np.random.default_rng(epoch_keys(seed, epoch)[0]).permutation(
-      num_examples)
-
-
-def epoch_keys(seed, epoch):
-  """(order key, augmentation key) of one epoch, both uint32."""
-  return np.random.SeedSequence([seed, epoch]).generate_state(2)
-
-
-def image_size(config) -> int:
-  return _native_size(config) if config.image_size == -1 else config.image_size
-
-
-def _native_size(config) -> int:
-  return (config.synthetic.image_size if config.dataset == 'synthetic'
-          else SPECS[config.dataset][1])
-
-
 def load_idx(directory: str):
   """(train_images, train_labels, test_images, test_labels) of an IDX dir.
 
@@ -186,14 +154,12 @@ def load_idx(directory: str):
 
 def _as_stored(config, train: bool) -> bool:
   """Whether the split is fed as stored (only normalized), so numpy does it."""
-  return (image_size(config) == _native_size(config)
-          and not (train and config.dataset in _AUGMENTED))
+  return (image_size(config) == native_size(config)
+          and not (train and config.dataset in AUGMENTED))
 
 
 def _normalize(config, images):
-  _, _, mean, std = SPECS[config.dataset]
-  # float32 throughout, as tf.data computed it: the same bits either way.
-  mean, std = 255 * np.array(mean, np.float32), 255 * np.array(std, np.float32)
+  mean, std = normalization(config.dataset)
   return (images.astype(np.float32) - mean) / std
 
 

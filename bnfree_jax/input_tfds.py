@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from bnfree_jax.input_pipeline import SPECS, epoch_keys, image_size, permutation
+from bnfree_jax.datasets import AUGMENTED, epoch_keys, image_size, normalization, permutation
 
 # TF only feeds the host; the accelerators belong to JAX.
 tf.config.set_visible_devices([], 'GPU')
@@ -87,7 +87,7 @@ def _numpy_batches(ds):
   """The batches as numpy, prefetched, with tf.data's autotuning off: deleting
   an autotuned iterator waits for its model thread to wake, which stalled the
   trainer 9-21 s at the end of each epoch, eval and run. Off, the maps keep
-  their rate (python -m bnfree_jax.bench --input: README)."""
+  their rate (python -m bnfree_jax.bench --input: docs/speed_and_memory.md)."""
   options = tf.data.Options()
   options.autotune.enabled = False
   return ds.prefetch(_PREFETCH_BATCHES).with_options(options).as_numpy_iterator()
@@ -164,8 +164,7 @@ def data_dir_root(config) -> str:
 def _preprocess_fn(config, train):
   """fn(record, seed) -> {'image': normalized float32, 'label': int32}."""
   name, size = config.dataset, image_size(config)
-  _, _, mean, std = SPECS[name]
-  mean, std = 255 * np.array(mean, np.float32), 255 * np.array(std, np.float32)
+  mean, std = normalization(name)
 
   # Python-level branches on the dataset name: nothing for AutoGraph to convert.
   @tf.autograph.experimental.do_not_convert
@@ -173,7 +172,7 @@ def _preprocess_fn(config, train):
     image = ex['image']
     if name == 'imagenet2012':
       image = _decode_crop(image, size, seed if train else None)
-    elif train and name in ('cifar10', 'cifar100'):
+    elif train and name in AUGMENTED:
       crop_seed, flip_seed = tf.unstack(tf.random.split(seed, 2))
       image = tf.image.stateless_random_crop(
           tf.pad(image, [[4, 4], [4, 4], [0, 0]]), tf.shape(image), crop_seed)

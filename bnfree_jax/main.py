@@ -35,10 +35,12 @@ from ml_collections import config_flags  # noqa: E402
 from bnfree_jax.workdir import EXIT_BAD_INPUT  # noqa: E402
 
 EXIT_NONFINITE, EXIT_PREEMPTED = 3, 75
+HELP_FLAGS = ('-h', '--help', '--helpshort', '--helpfull')
 
 
-def _flags(argv) -> flags.FlagValues:
-  """The flags of one run, parsed from argv.
+def parse_flags(argv, define) -> flags.FlagValues:
+  """--config (a recipe file, loaded and locked) and the flags that
+  define(flag_values) adds, parsed from argv; raises one of CONFIG_ERRORS.
 
   A fresh set each call, handed argv explicitly: config_flags finds the
   --config.* overrides in its sys_argv (else in sys.argv), so run(argv) parses
@@ -47,6 +49,15 @@ def _flags(argv) -> flags.FlagValues:
   fv = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'Config file (CONFIG.py or CONFIG.py:arg).',
                                   flag_values=fv, lock_config=True, sys_argv=argv)
+  define(fv)
+  fv(argv)
+  if fv['config'].present:
+    fv.config.keys()  # config_flags defers a failure to load the file to here.
+  return fv
+
+
+def _run_flags(fv):
+  """The flags of one run beside --config."""
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and config.json.',
                       flag_values=fv)
   flags.DEFINE_string('coordinator_address', None,
@@ -56,8 +67,6 @@ def _flags(argv) -> flags.FlagValues:
                        flag_values=fv)
   flags.DEFINE_integer('process_id', None, 'Index of this process in a multi-process run.',
                        flag_values=fv)
-  fv(argv)
-  return fv
 
 
 def _fail(code, message):
@@ -101,15 +110,14 @@ def config_error(error: Exception) -> str:
 
 def run(argv=None) -> int:
   argv = sys.argv if argv is None else argv
-  if any(a in ('-h', '--help', '--helpshort', '--helpfull') for a in argv[1:]):
+  if any(a in HELP_FLAGS for a in argv[1:]):
     print(__doc__)
     return 0
   try:
-    fv = _flags(argv)
+    fv = parse_flags(argv, _run_flags)
     if fv['config'].present == 0 or fv.workdir is None:
       return _fail(EXIT_BAD_INPUT, '--config and --workdir are both required')
     config, workdir = fv.config, fv.workdir
-    config.keys()  # config_flags defers a failure to load the file to here.
   except CONFIG_ERRORS as e:
     return _fail(EXIT_BAD_INPUT, config_error(e))
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s',

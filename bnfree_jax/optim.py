@@ -178,14 +178,21 @@ def momentum_sgd(learning_rate: optax.Schedule, momentum: float,
 
 
 def create_optimizer(config, steps_per_epoch: int, total_steps: int,
-                     weight_decay_mask: Callable) -> Optimizer:
+                     weight_decay_mask: Callable,
+                     learning_rate: optax.Schedule | None = None) -> Optimizer:
   """The full chain: clip raw gradients, add weight decay, momentum SGD.
 
   weight_decay_mask (params -> bool tree) picks the decayed leaves when
   optimizer.weight_decay_on is 'kernels'; 'all' decays every leaf.
+  learning_rate, when given, replaces config.lr_schedule's schedule and its
+  warm-up (bnfree_jax.lr_find's rising LR).
   """
   num_epochs = -(-total_steps // steps_per_epoch)
-  lr = learning_rate_schedule(config.lr_schedule, steps_per_epoch, total_steps)
+  if learning_rate is None:
+    lr = learning_rate_schedule(config.lr_schedule, steps_per_epoch, total_steps)
+    warmup = warmup_steps(config.lr_schedule, steps_per_epoch)
+  else:
+    lr, warmup = learning_rate, 0
   clip = clip_threshold_schedule(config.grad_clip, steps_per_epoch, num_epochs)
   opt = config.optimizer
   if not 0 <= opt.momentum < 1:
@@ -199,4 +206,4 @@ def create_optimizer(config, steps_per_epoch: int, total_steps: int,
       optax.add_decayed_weights(opt.weight_decay, mask=mask),
       momentum_sgd(lr, opt.momentum, opt.nesterov, opt.momentum_correction),
   )
-  return Optimizer(tx, lr, clip, warmup_steps(config.lr_schedule, steps_per_epoch))
+  return Optimizer(tx, lr, clip, warmup)

@@ -317,8 +317,9 @@ _OTHER_LOG_SHAPE = {'log': 'log_curve', 'log_curve': 'log'}
 
 
 def _other_clip_shape(run, axis):
-  """(x, threshold) at each epoch start and at the end, under the other of
-  the two log shapes (bnfree_jax/optim.py), or None when it has none."""
+  """(x, threshold) at each epoch start and at the run's planned end, under
+  the other of the two log shapes (bnfree_jax/optim.py), or None when it has
+  none."""
   clip = run.config.get('grad_clip') or {}
   other, total = _OTHER_LOG_SHAPE.get(clip.get('mode')), _total_steps(run)
   if other is None or not total or not run.steps_per_epoch:
@@ -327,9 +328,10 @@ def _other_clip_shape(run, axis):
   epochs = -(-total // steps_per_epoch)
   schedule = optim.clip_threshold_schedule(
       ml_collections.ConfigDict({**clip, 'mode': other}), steps_per_epoch, epochs)
-  starts = np.arange(epochs + 1) * steps_per_epoch
-  x = starts / run.steps_per_epoch if axis == 'epoch' else starts
-  return x, np.asarray(schedule(starts))
+  steps = np.append(np.arange(epochs) * steps_per_epoch, total)
+  x = steps / run.steps_per_epoch if axis == 'epoch' else steps
+  # A run of one epoch or less has a constant schedule, which returns a scalar.
+  return x, np.broadcast_to(schedule(steps), steps.shape)
 
 
 def _rebin(hist, edges):

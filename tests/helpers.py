@@ -1,5 +1,6 @@
 """What the tests that train share: the tiny run's config (in-process, or as
-a file the CLI loads), reading checkpoints, damaging them."""
+a file the CLI loads), reading checkpoints, damaging them; and stub commands
+for the tests of shell scripts."""
 
 import os
 import pathlib
@@ -97,6 +98,15 @@ def damage_checkpoint(step_dir):
     with open(f, 'r+b') as fh:
       fh.truncate(max(os.path.getsize(f) // 2, 1))
   return {f: open(f, 'rb').read() for f in files}
+
+
+def stub(directory, name, body):
+  """An executable bash script directory/name running body."""
+  directory.mkdir(exist_ok=True)
+  path = directory / name
+  path.write_text('#!/usr/bin/env bash\n' + body)
+  path.chmod(0o755)
+  return path
 
 
 class Processes:

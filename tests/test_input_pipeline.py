@@ -10,6 +10,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from bnfree_jax import datasets
 from bnfree_jax import input_pipeline as ip
 from bnfree_jax import input_tfds
 
@@ -69,7 +70,7 @@ def test_fashion_mnist_falls_back_to_idx_and_follows_the_permutation(tmp_path):
   info = ip.dataset_info(config)
   assert info == ip.DatasetInfo('fashion_mnist', 10, (28, 28, 1), 60000, 10000)
   train_x, train_y, _, _ = ip.load_idx(DEBIAN_FASHION)
-  order = ip.permutation(3, 0, 60000)
+  order = datasets.permutation(3, 0, 60000)
 
   batches = _train(config, 2, local_batch_size=256)
   for step, batch in enumerate(batches):
@@ -133,10 +134,10 @@ def test_each_epoch_is_a_new_permutation_of_whole_batches():
             for e in range(2)]
   images, labels = ip._arrays(config, train=True)
   for e, got in enumerate(epochs):
-    order = ip.permutation(0, e, 100)
+    order = datasets.permutation(0, e, 100)
     np.testing.assert_array_equal(got, labels[order[:96]])
-  assert not np.array_equal(ip.permutation(0, 0, 100), ip.permutation(0, 1, 100))
-  assert sorted(ip.permutation(0, 1, 100)) == list(range(100))
+  assert not np.array_equal(datasets.permutation(0, 0, 100), datasets.permutation(0, 1, 100))
+  assert sorted(datasets.permutation(0, 1, 100)) == list(range(100))
   first_images = [_train(config, 1, 6 * e, 16)[0]['image'] for e in range(2)]
   assert not np.array_equal(*first_images)
 
@@ -148,7 +149,7 @@ def test_train_subset_is_the_first_examples_as_stored(tmp_path):
   # 600 // 64 = 9 steps per epoch; two epochs, each a permutation of the 600.
   batches = _train(config, 18, local_batch_size=64)
   for epoch in range(2):
-    rows = ip.permutation(0, epoch, 600)[:9 * 64]
+    rows = datasets.permutation(0, epoch, 600)[:9 * 64]
     got = batches[9 * epoch:9 * (epoch + 1)]
     np.testing.assert_array_equal(np.concatenate([b['label'] for b in got]), train_y[rows])
     raw = np.concatenate([b['image'] for b in got]) * (0.3530 * 255) + 0.2860 * 255
@@ -165,7 +166,7 @@ def test_train_subset_of_a_tfds_copy(tmp_path):
     assert ip.dataset_info(config).num_train == 12
     stored = input_tfds.arrays(config, train=True)[1]
     labels = np.concatenate([b['label'] for b in _train(config, 3, local_batch_size=4)])
-  np.testing.assert_array_equal(labels, stored[ip.permutation(0, 0, 12)])
+  np.testing.assert_array_equal(labels, stored[datasets.permutation(0, 0, 12)])
 
 
 def test_train_subset_of_synthetic_data_and_bad_sizes(tmp_path):

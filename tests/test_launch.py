@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from conftest import REPO
+from helpers import stub
 from launch import sweep
 
 ROW = 'configs/paper/t1_wn.py'
@@ -24,15 +25,6 @@ def run_sweep(*args, timeout=600):
 
 def sweep_lines(out):
   return [line for line in out.splitlines() if line.startswith('sweep:')]
-
-
-def stub(directory, name, body):
-  """An executable bash script directory/name running body."""
-  directory.mkdir(exist_ok=True)
-  path = directory / name
-  path.write_text('#!/usr/bin/env bash\n' + body)
-  path.chmod(0o755)
-  return path
 
 
 @pytest.mark.parametrize('code', [75, 0, 2, 3])

@@ -234,6 +234,20 @@ def test_a_run_shorter_than_its_warmup_only_warms_up(default_config):
   assert optim.create_optimizer(default_config, SPE, 5, weight_decay_mask=None).warmup_steps == 20
 
 
+def test_an_injected_lr_schedule_replaces_the_configs_and_its_warm_up(default_config):
+  """lr_find's rising LR: the chain steps with it, the config's warm-up gone."""
+  default_config.lr_schedule.update(name='constant', base_lr=0.5, warmup_epochs=2.0)
+  default_config.optimizer.update(momentum=0.0, weight_decay=0.0)
+  opt = optim.create_optimizer(default_config, SPE, 50, weight_decay_mask=None,
+                               learning_rate=lambda count: 0.01 * 2.0 ** count)
+  params, grads = {'w': jnp.ones(3)}, {'w': jnp.full(3, 0.5)}
+  state = opt.tx.init(params)
+  for count in range(3):
+    updates, state = opt.tx.update(grads, state, params)
+    np.testing.assert_allclose(updates['w'], -0.5 * 0.01 * 2.0 ** count, rtol=1e-6)
+  assert opt.warmup_steps == 0 and opt.learning_rate(3) == 0.08
+
+
 @pytest.mark.parametrize('section,change,message', [
     ('lr_schedule', {'name': 'bogus'}, "lr_schedule.name='bogus' is not one of: constant, linear"),
     ('lr_schedule', {'base_lr': 0.0}, 'lr_schedule.base_lr=0.0 must be > 0'),

@@ -1,14 +1,14 @@
 """Preprocessing values as the papers' pipelines have them: ImageNet's
 evaluation crop (the central 87.5% of the shorter side, 224 of 256), CIFAR's
 pad-4 crop and flip, and the per-channel normalization constants of each
-dataset, written out here independently of input_pipeline.SPECS."""
+dataset, written out here independently of datasets.SPECS."""
 
 import ml_collections
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from bnfree_jax import input_pipeline, input_tfds
+from bnfree_jax import datasets, input_pipeline, input_tfds
 
 # Mean and standard deviation per channel on a 0..1 scale.
 CONSTANTS = {
@@ -37,7 +37,7 @@ def _jpeg(image):
 
 @pytest.mark.parametrize('dataset', CONSTANTS)
 def test_normalization_constants(dataset):
-  channels, size = len(CONSTANTS[dataset][0]), input_pipeline.image_size(_config(dataset))
+  channels, size = len(CONSTANTS[dataset][0]), datasets.image_size(_config(dataset))
   pixels = np.random.default_rng(0).integers(0, 256, (2, size, size, channels), np.uint8)
   np.testing.assert_allclose(input_pipeline._normalize(_config(dataset), pixels),
                              _normalized(dataset, pixels), rtol=1e-5, atol=1e-5)

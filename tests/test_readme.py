@@ -1,7 +1,10 @@
-"""README's result tables say what the committed reports under results/ say:
-every number of theirs is looked up in its report."""
+"""README's and docs/'s result tables say what the committed reports under
+results/ say: every number of theirs is looked up in its report; and every
+page of docs/ is linked from README, every link there leading to a file."""
 
+import json
 import pathlib
+import re
 
 import pytest
 
@@ -22,9 +25,10 @@ def markdown_tables(text):
   return tables
 
 
-def readme_table(header):
-  """README's one table with this header, as {first cell: row}."""
-  table, = (t for t in markdown_tables(README) if t and header in t[0])
+def readme_table(header, page='README.md'):
+  """The one table of README (or of another page) with this header, as
+  {first cell: row}."""
+  table, = (t for t in markdown_tables((REPO / page).read_text()) if t and header in t[0])
   return {next(iter(row.values())): row for row in table}
 
 
@@ -43,7 +47,7 @@ def assert_gap(cell, train, test, what):
 
 def test_paper_twins_table_equals_its_report():
   report = report_finals('results/paper_small/report.md')
-  rows = readme_table('row (LR)')
+  rows = readme_table('row (LR)', 'docs/reproducing.md')
   runs = {'BN (0.1)': 't1_bn_small',
           'no norm + constant clipping at 5 (0.001)': 't1_constant_clip_small',
           'WN (0.001)': 't1_wn_small',
@@ -59,7 +63,7 @@ def test_paper_twins_table_equals_its_report():
 
 def test_nf_twin_table_equals_its_report():
   report = report_finals('results/nf_twin/report.md')
-  rows = readme_table('twin')
+  rows = readme_table('twin', 'docs/nf_resnets.md')
   prefixes = {'BN': 'bn_seed', 'the paper': 'wn_clip_seed', 'NF-ResNet': 'nf_seed'}
   assert len(rows) == len(prefixes)
   for label, row in rows.items():
@@ -72,7 +76,7 @@ def test_nf_twin_table_equals_its_report():
 
 def test_small_batch_table_equals_its_report():
   report = report_finals('results/small_batch/report.md')
-  rows = readme_table('batch 8')
+  rows = readme_table('batch 8', 'docs/nf_resnets.md')
   runs = [('BN, statistics over the global batch', 'b128_bn', 'b8_bn'),
           ('BN, statistics per device', None, 'b8_bn_per_device'),
           ('the same, 4 devices', None, 'b8_bn_per_device_4dev'),
@@ -87,7 +91,7 @@ def test_small_batch_table_equals_its_report():
 
 def test_low_data_table_equals_its_report():
   report = report_finals('results/paper_lowdata/report.md')
-  rows = readme_table('low-data row (LR)')
+  rows = readme_table('low-data row (LR)', 'docs/reproducing.md')
   runs = ['t1_bn', 't1_wn', 't1_constant_clip', 't2_wn_clip_lr0p001', 't2_wn_clip_lr0p01',
           't2_wn_clip_dropout_lr0p01', 't3_clip10', 't4_step_lr0p001', 't4_cyclic_lr0p001',
           't4_cyclic_lr0p01', 't5_warmup_momentum', 'f3_unnormalized', 't6_r34_bn',
@@ -103,7 +107,7 @@ def test_low_data_table_equals_its_report():
 def test_weight_decay_table_equals_its_reports():
   reports = {'all': report_finals('results/paper_lowdata/report.md'),
              'kernels': report_finals('results/paper_lowdata_wd_kernels/report.md')}
-  rows = readme_table('WN row, weight decay on (LR)')
+  rows = readme_table('WN row, weight decay on (LR)', 'docs/reproducing.md')
   runs = ['t1_wn', 't2_wn_clip_lr0p001', 't2_wn_clip_lr0p01', 't2_wn_clip_dropout_lr0p01',
           't5_warmup_momentum']
   assert len(rows) == len(runs)
@@ -112,3 +116,46 @@ def test_weight_decay_table_equals_its_reports():
       train, test = report[f'{run}_lowdata']
       assert row[f'{on}: test top-1'] == test, (run, on)
       assert_gap(row[f'{on}: train − test'], train, test, (run, on))
+
+
+def test_results_table_equals_the_reports():
+  rows = readme_table('BN-free row')
+  small = report_finals('results/paper_small/report.md')
+  lowdata = report_finals('results/paper_lowdata/report.md')
+  nf_twin = report_finals('results/nf_twin/report.md')
+  small_batch = report_finals('results/small_batch/report.md')
+
+  def mean(run):  # Of seeds 0 and 1, as README rounds it.
+    return f'{(float(nf_twin[run + "0"][1]) + float(nf_twin[run + "1"][1])) / 2:.2f}'
+
+  want = {'the paper': (small['t1_bn_small'][1], small['t2_wn_clip_lr0p01_small'][1]),
+          'low-data': (lowdata['t1_bn_lowdata'][1], lowdata['t2_wn_clip_lr0p01_lowdata'][1]),
+          'normalizer-free': (mean('bn_seed'), mean('nf_seed')),
+          'global batch 8': (small_batch['b8_bn'][1], small_batch['b8_nf'][1])}
+  assert len(rows) == len(want)
+  for start, (bn, bn_free) in want.items():
+    row, = (row for label, row in rows.items() if label.startswith(start))
+    assert (row['BN'], row['BN-free']) == (bn, bn_free), start
+  bench = markdown_tables((REPO / 'results/bench/train_step_resnet18.md').read_text())[0]
+  weight, = (r for r in bench if r['variant'] == 'weight')
+  ratio = weight['× batch: median (quartiles) of per-round ratios'].split()[0]
+  assert f'takes {ratio}x BN\'s time' in ' '.join(README.split())
+
+
+def test_every_docs_page_is_listed_in_readme_and_every_link_resolves():
+  pages = sorted((REPO / 'docs').glob('*.md'))
+  assert set(readme_table('page')) == {f'[docs/{p.name}](docs/{p.name})' for p in pages}
+  for page in [REPO / 'README.md', *pages]:
+    for target in re.findall(r'\]\(([^)#]+)[^)]*\)', page.read_text()):
+      assert '://' in target or (page.parent / target).exists(), (page.name, target)
+
+
+def test_lr_find_table_equals_its_sweeps():
+  rows = readme_table('lowest loss')
+  assert len(rows) == 5
+  for label, row in rows.items():
+    result = json.loads((REPO / 'results/lr_find' / label.strip('`').split(':')[0]
+                         / 'lr_find.json').read_text())
+    for column, key in (('steepest', 'steepest'), ('lowest loss', 'largest'),
+                        ('diverged at', 'diverged_at')):
+      assert row[column] == f'{result[key]:.2g}', (label, column)

@@ -269,3 +269,50 @@ def test_planned_length_from_float32_epochs():
                    report._steps_per_epoch(scalars))
   assert run.steps_per_epoch < 468 and report._total_steps(run) == 936
   assert report._progress_cells(run)[1] == 'no eval yet; unfinished: 700 of 936 steps'
+
+
+def _short_points(steps, per_epoch, eval_at=()):
+  """What the trainer logs every 10 steps, and eval where asked."""
+  points = [(s, {'train/loss': 2.3 - s / 100, 'train/top1': s / 100, 'train/epoch': s / per_epoch,
+                 'train/learning_rate': 0.1, 'train/grad_norm': 3.0,
+                 'train/clip_threshold': 5.0, 'perf/seconds_per_epoch': 30.0})
+            for s in steps]
+  return points + [(s, {'eval/loss': 1.4, 'eval/top1': 0.48}) for s in eval_at]
+
+
+_HIST = [(0, {'grad_log10_magnitude/stage2': np.linspace(-4, -2, 100)})]
+
+# name: (config overrides, scalar points, histogram points, progress cells).
+SHAPES = {
+    # configs/fashion_mnist.py --config.num_train_steps=40: 40 of 468 steps,
+    # so its 'log' clip schedule is one epoch's constant.
+    'shorter_than_an_epoch': (dict(num_train_steps=40), _short_points(range(10, 41, 10), 468, [40]),
+                              _HIST, ('40 / 0.09', '')),
+    'no_eval': (dict(num_train_steps=40), _short_points(range(10, 41, 10), 468), (),
+                ('40 / 0.09', 'no eval yet')),
+    'in_progress': ({}, _short_points(range(10, 151, 10), 100, [100]), _HIST,
+                    ('150 / 1.50', 'unfinished: 150 of 400 steps')),
+    'no_epoch_logged': (dict(num_train_steps=40), [(10, {'train/loss': 2.0})], (),
+                        ('10 / ?', 'no eval yet; unfinished: 10 of 40 steps')),
+    'histograms_only': ({}, [], _HIST, ('0 / ?', 'no eval yet')),
+}
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+def test_any_run_that_logged_something_is_reported(tmp_path, capsys, shape):
+  overrides, scalars, hists, cells = SHAPES[shape]
+  run_dir = _write_run(tmp_path / shape, {**_config(), **overrides}, scalars, hists)
+  assert report.main([str(run_dir), '--out', str(tmp_path / 'out')]) == 0, capsys.readouterr().err
+  row, _ = _row((tmp_path / 'out' / 'report.md').read_text(), shape)
+  assert (row[6], row[-1]) == cells
+  for name in FIGURES:
+    assert (tmp_path / 'out' / f'{name}.png').stat().st_size > 1024, name
+
+
+def test_other_log_shape_of_a_run_shorter_than_an_epoch_ends_with_it(tmp_path):
+  _, scalars, _, _ = SHAPES['shorter_than_an_epoch']
+  config = {**_config(), 'num_train_steps': 40}
+  run = report.load_run(str(_write_run(tmp_path / 'r', config, scalars)))
+  x, threshold = report._other_clip_shape(run, 'step')
+  np.testing.assert_allclose(x, [0, 40])
+  np.testing.assert_allclose(threshold, [5.0, 5.0])  # One epoch: the first threshold.

@@ -16,7 +16,7 @@
            whole-epoch count nearest the 936 of 'small' (21 would be 966).
            The paper's findings on dropout and on the gap between train and
            validation top-1 need a model that overfits, which 2 epochs of the
-           full 60000 never do (there dropout only costs accuracy: README).
+           full 60000 never do (there dropout only costs accuracy: docs/reproducing.md).
            Epoch-based LR settings shrink by 20 / the row's epochs, as for
            'small'; the clipping threshold's per-epoch schedule spans the 20
            epochs, where 'log_curve' and 'log' differ (epoch 1: 15.4 vs 5.6).
@@ -33,7 +33,7 @@ reading of a phrase; the rows differ only as their tables say):
   norm gains g, biases and BN scale/bias included. Decaying only the kernels
   would spare every weight-normalized filter, whose w = g v / ||v|| does not
   shrink with v. On the :lowdata twins the two readings differ by no more than
-  seed noise (README, results/paper_lowdata_wd_kernels): 920 steps of this
+  seed noise (docs/reproducing.md, results/paper_lowdata_wd_kernels): 920 steps of this
   decay shrink a gain by under 0.1 %, the paper's 90 epochs by some 20 %.
 - "monotonic(ally) decrease(ing)": lr_schedule 'linear' from the row's LR to 0
   over the run in one step per epoch (staircase_epochs=1): sec. 3.3 says the
