@@ -6,8 +6,12 @@ Events are written with tensorboardX, which needs no TensorFlow (GPU hosts
 often have none); TensorBoard and bnfree_jax.report read them.
 """
 
+import os
+import time
+
 import numpy as np
-import tensorboardX
+from tensorboardX import event_file_writer, summary
+from tensorboardX.proto import event_pb2
 
 TRAIN, EVAL = 'train', 'eval'       # Prefixes of the metrics.TrainMetrics/EvalMetrics names.
 TRAIN_EPOCH = 'train_epoch'         # metrics.EpochMetrics: averages over whole epochs.
@@ -33,27 +37,36 @@ def format_duration(seconds: float) -> str:
 
 
 class Writer:
-  """Scalars and histograms into WORKDIR's event files (a background thread
-  writes them); a no-op on processes other than 0, so that a multi-process
-  run writes one set of files."""
+  """Scalars and histograms into an event file of WORKDIR, on disk (flushed
+  and fsynced) when each call returns, so the log holds every point logged
+  before any checkpoint the run commits, whatever kills it; a no-op on
+  processes other than 0, so that a multi-process run writes one set of files.
+
+  Not tensorboardX's SummaryWriter: it queues events for a thread that
+  flushes every 120 s, and its flush() skips the queue, so a SIGKILL lost the
+  points of the last two minutes, also those behind a committed checkpoint,
+  and the rerun, resuming from it, never logged them again. An fsync per
+  call is a few per log interval.
+  """
 
   def __init__(self, workdir: str, enabled: bool = True):
-    self._writer = tensorboardX.SummaryWriter(workdir) if enabled else None
+    self._events = (event_file_writer.EventsWriter(os.path.join(workdir, 'events'))
+                    if enabled else None)
+
+  def _write(self, step: int, values: list):
+    if self._events:
+      self._events.write_event(event_pb2.Event(
+          step=step, wall_time=time.time(), summary=summary.Summary(value=values)))
+      self._events.flush()
 
   def write_scalars(self, step: int, scalars: dict):
-    if self._writer:
-      for name, value in scalars.items():
-        self._writer.add_scalar(name, float(value), step)
+    self._write(step, [summary.Summary.Value(tag=name, simple_value=float(value))
+                       for name, value in scalars.items()])
 
   def write_histograms(self, step: int, arrays: dict):
-    if self._writer:
-      for name, values in arrays.items():
-        self._writer.add_histogram(name, np.asarray(values), step, bins=HISTOGRAM_BINS)
-
-  def flush(self):
-    if self._writer:
-      self._writer.flush()
+    self._write(step, [v for name, values in arrays.items() for v in summary.histogram(
+        name, np.asarray(values), HISTOGRAM_BINS).value])
 
   def close(self):
-    if self._writer:
-      self._writer.close()
+    if self._events:
+      self._events.close()

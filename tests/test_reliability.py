@@ -24,6 +24,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tensorboard.backend.event_processing import event_file_loader
 
 import helpers
 from bnfree_jax import checkpointing, input_pipeline, optim, report, train
@@ -93,18 +94,42 @@ sys.exit(main.run(sys.argv))
 """
 
 
-def launch(procs, config_path, workdir, log_path, pause_at):
-  """The CLI on the config, as a user would start it, pausing before step
-  pause_at: returns (process, paused file, resume file)."""
+# `python -m bnfree_jax.main ARGV`, except that the process SIGKILLs itself as
+# soon as the checkpoint of step $KILL_AFTER_SAVE is committed (renamed from
+# orbax's tmp directory to its step).
+KILLING_MAIN = r"""
+import os, signal, sys
+from bnfree_jax import checkpointing, main
+
+real, kill_after = checkpointing.save, int(os.environ['KILL_AFTER_SAVE'])
+
+def save(mngr, step, state):
+  real(mngr, step, state)
+  if step == kill_after:
+    mngr.wait_until_finished()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+checkpointing.save = save
+sys.exit(main.run(sys.argv))
+"""
+
+
+def start_cli(procs, script, config_path, workdir, log_path, **env):
+  """`python -c script` on the config, as a user would start the CLI."""
   # The child inherits this count, so it compiles the reference's programs.
   assert int(os.environ['JAX_NUM_CPU_DEVICES']) == jax.device_count()
-  paused, resume = log_path.with_suffix('.paused'), log_path.with_suffix('.resume')
   with open(log_path, 'w') as log:
-    proc = procs.start(
-        [sys.executable, '-c', PAUSING_MAIN, '--config', str(config_path),
-         '--workdir', str(workdir)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, 'PAUSE_AT_STEP': str(pause_at), 'PAUSED_FILE': str(paused),
-             'RESUME_FILE': str(resume)})
+    return procs.start(
+        [sys.executable, '-c', script, '--config', str(config_path), '--workdir', str(workdir)],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+
+
+def launch(procs, config_path, workdir, log_path, pause_at):
+  """The CLI pausing before step pause_at: returns (process, paused file,
+  resume file)."""
+  paused, resume = log_path.with_suffix('.paused'), log_path.with_suffix('.resume')
+  proc = start_cli(procs, PAUSING_MAIN, config_path, workdir, log_path,
+                   PAUSE_AT_STEP=str(pause_at), PAUSED_FILE=str(paused), RESUME_FILE=str(resume))
   return proc, paused, resume
 
 
@@ -152,6 +177,43 @@ def test_sigkill_then_sigterm_while_compiling_then_rerun_is_exact(reference, tmp
   # parameters, optimizer state (LR and clip schedules), step counters.
   train.train_and_evaluate(load(config_path), str(workdir))
   assert_same_state(state_at(workdir, STEPS), state_at(reference_dir, STEPS))
+
+
+def logged_points(workdir):
+  """{(tag, step): [value, ...]}, a value per time the point was written to
+  any event file of workdir (a histogram's value: its bucket counts)."""
+  points = {}
+  for name in sorted(os.listdir(workdir)):
+    if name.startswith('events.out.tfevents.'):
+      for event in event_file_loader.EventFileLoader(str(workdir / name)).Load():
+        for v in event.summary.value:
+          value = v.simple_value if v.WhichOneof('value') == 'simple_value' else tuple(v.histo.bucket)
+          points.setdefault((v.tag, event.step), []).append(value)
+  return points
+
+
+def test_sigkill_after_a_checkpoint_loses_no_logged_point(reference, tmp_path):
+  """Killed as soon as the checkpoint of step 32 is committed, then rerun: the
+  log holds every point of the uninterrupted run exactly once, with its value
+  (timings aside). tensorboardX's SummaryWriter had flushed only the first
+  event (it flushes every 120 s): train/loss at 10-30 and the eval at 20
+  were lost for good, as the rerun resumes at 32."""
+  config_path, reference_dir = reference
+  workdir = tmp_path / 'run'
+  log = tmp_path / 'killed.log'
+  with helpers.Processes() as procs:
+    proc = start_cli(procs, KILLING_MAIN, config_path, workdir, log, KILL_AFTER_SAVE='32')
+    assert proc.wait(timeout=300) == -signal.SIGKILL, log.read_text()
+  assert steps(workdir) == [16, 24, 32]
+  train.train_and_evaluate(load(config_path), str(workdir))
+
+  got, want = logged_points(workdir), logged_points(reference_dir)
+  assert sorted(got) == sorted(want)
+  assert {k: len(v) for k, v in got.items() if len(v) != 1} == {}
+  timing = lambda tag: tag.startswith('perf/') or tag == 'steps_per_sec'
+  assert {k: v for k, v in got.items() if not timing(k[0])} == {
+      k: v for k, v in want.items() if not timing(k[0])}
+  assert ('train/loss', 30) in got and ('eval/loss', 20) in got
 
 
 @pytest.fixture
