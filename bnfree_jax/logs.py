@@ -3,10 +3,12 @@ report reads, the event-file writer, and the duration format of progress
 lines.
 
 Events are written with tensorboardX, which needs no TensorFlow (GPU hosts
-often have none); TensorBoard and bnfree_jax.report read them.
+often have none); TensorBoard, bnfree_jax.report and a resumed run
+(read_scalars) read them.
 """
 
 import os
+import struct
 import time
 
 import numpy as np
@@ -70,3 +72,45 @@ class Writer:
   def close(self):
     if self._events:
       self._events.close()
+
+
+def keep_last_run(points):
+  """(step, value) points of one tag in the order written. A resumed run logs
+  again from its checkpoint step, so a step at or below the last one seen
+  drops the stale points after it: EventAccumulator only purges on TF1
+  restart markers, which newer writers never emit."""
+  kept = []
+  for step, value in points:
+    while kept and kept[-1][0] >= step:
+      kept.pop()
+    kept.append((step, value))
+  return kept
+
+
+def read_scalars(workdir: str, tag: str) -> list:
+  """[(step, value)] of one scalar tag in WORKDIR's event files, in step
+  order, the points of the attempt that last logged each step (keep_last_run)."""
+  points = []
+  for name in sorted(os.listdir(workdir)):  # Named by creation time, to the second.
+    if name.startswith('events.out.tfevents.'):
+      points += [(event.step, v.simple_value) for event in _events(os.path.join(workdir, name))
+                 for v in event.summary.value if v.tag == tag]
+  return keep_last_run(points)
+
+
+def _events(path):
+  """The Event protos of an event file: TFRecords of (length: u64, its CRC:
+  u32, data, its CRC: u32). Read here, not with TensorBoard's loader, which
+  imports TensorFlow where installed (seconds a resume need not pay). The
+  writer only appends, so the one damage a killed run leaves is a truncated
+  last record, which is left out; the CRCs are not checked."""
+  with open(path, 'rb') as f:
+    data = f.read()
+  start = 0
+  while start + 12 <= len(data):
+    (length,) = struct.unpack('<Q', data[start:start + 8])
+    end = start + 12 + length
+    if end + 4 > len(data):
+      break
+    yield event_pb2.Event.FromString(data[start + 12:end])
+    start = end + 4

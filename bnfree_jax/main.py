@@ -16,8 +16,8 @@ usage: python -m bnfree_jax.main --config CONFIG.py[:arg] --workdir DIR [--confi
 
 Exit codes: 0 done; 2 bad input (config, data, workdir, or a workdir another
 run is using: its lock, WORKDIR/lock), reported in one line before anything
-is compiled; 3 the loss or gradient became non-finite;
-75 preempted by SIGTERM/SIGINT after saving a checkpoint (rerun to resume).
+is compiled; 3 the loss or gradient became non-finite, or the loss diverged
+(config.on_divergence); 75 preempted by SIGTERM/SIGINT after saving a checkpoint (rerun to resume).
 """
 
 import contextlib

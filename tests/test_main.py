@@ -129,6 +129,12 @@ def cli(tmp_path_factory):
       'clip threshold': (argv('c', '--config.grad_clip.threshold=0'),
                          'grad_clip.threshold=0.0 must be > 0'),
       'bad choice': (argv('o', '--config.on_nonfinite=ignore'), "on_nonfinite='ignore'"),
+      'bad divergence choice': (argv('dc', '--config.on_divergence=skip'),
+                                "on_divergence='skip' is not one of: stop, ignore"),
+      'zero divergence patience': (argv('dp', '--config.divergence.patience=0'),
+                                   'divergence.patience=0 must be an integer > 0'),
+      'loss factor 1': (argv('df', '--config.divergence.loss_factor=1'),
+                        'divergence.loss_factor=1.0 must be > 1'),
       'missing dataset': (argv('m', '--config.dataset=cifar10',
                                f'--config.data_dir={root}/empty_data_dir'),
                           f'cifar10: no prepared tfds copy under {root}/empty_data_dir'),
@@ -173,7 +179,7 @@ def cli(tmp_path_factory):
                                  f'workdir {root}/busy is in use by host {socket.gethostname()} '
                                  f'pid {os.getpid()} (its lock: {root}/busy/lock)')
   outcomes = {error: argv(error, workdir=root / error) for error in
-              ('InputError', 'NonFiniteError', 'Preempted', 'SIGTERM')}
+              ('InputError', 'NonFiniteError', 'Diverged', 'Preempted', 'SIGTERM')}
 
   cases = {name: {'argv': a} for name, (a, _) in bad_input.items()}
   cases.update({name: {'argv': a, 'raises': name} for name, a in outcomes.items()})
@@ -211,7 +217,7 @@ def test_bad_input_touches_no_workdir(cli):
 def test_trainer_outcomes_map_to_exit_codes(cli):
   _, _, outcomes = cli
   assert {name: r['code'] for name, r in outcomes.items()} == {
-      'InputError': 2, 'NonFiniteError': 3, 'Preempted': 75, 'SIGTERM': 75}
+      'InputError': 2, 'NonFiniteError': 3, 'Diverged': 3, 'Preempted': 75, 'SIGTERM': 75}
   assert outcomes['InputError']['stderr'] == 'error: the trainer says why\n'
   assert outcomes['NonFiniteError']['stderr'] == 'error: the trainer says why\n'
   assert 'the trainer says why' in outcomes['Preempted']['stderr']

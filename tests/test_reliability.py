@@ -27,7 +27,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tensorboard.backend.event_processing import event_file_loader
 
 import helpers
-from bnfree_jax import checkpointing, input_pipeline, optim, report, train
+from bnfree_jax import checkpointing, input_pipeline, logs, optim, report, train
 from conftest import REPO
 
 STEPS, EVERY = 40, 8
@@ -330,6 +330,84 @@ def test_nonfinite_skip_counts_and_goes_on(reference, tmp_path, monkeypatch):
   for tag in ('train/loss', 'train/top1', 'train/grad_norm'):
     values = scalars[tag][1]
     assert len(values) == 4 and np.isfinite(values).all(), (tag, values)
+
+
+# ------------------------------------------------ silent divergence ----
+
+
+def watch(**changes):
+  """A DivergenceWatch of 10 classes (chance 2.3026), warm-up 100 steps,
+  patience 3, loss factor 4, armed for chance at best <= 2.0723."""
+  return train.DivergenceWatch(**{'num_classes': 10, 'warmup_steps': 100, 'patience': 3,
+                                  'loss_factor': 4.0, 'chance_drop': 0.1, **changes})
+
+
+def seen(w, losses, every=50):
+  """What w.update says for losses logged every `every` steps from step every."""
+  return [w.update(every * (i + 1), loss) for i, loss in enumerate(losses)]
+
+
+def test_divergence_watch_counts_intervals_at_chance_or_far_above_the_best():
+  chance = 'at or above chance (ln 10 = 2.3026)'
+  # A run that sits at chance before it learns (its best never 10% below) is
+  # slow, not diverged; one that learned and falls back to chance is.
+  assert seen(watch(), [2.35, 2.31, 2.30, 2.31, 2.29, 2.31, 2.30, 2.32, 1.5, 0.9]) == [None] * 10
+  assert seen(watch(), [2.3, 1.5, 2.0, 2.31, 2.4, 2.303, 2.4]) == [None] * 5 + [chance] * 2
+  assert seen(watch(), [2.3, 1.5, 2.31, 2.0, 2.31, 2.4, 1.9, 2.5, 2.6]) == [None] * 9  # Not in a row.
+  # Above 4 x the best (0.1): 0.41 three times; 0.4 is not above.
+  assert seen(watch(), [1.0, 0.1, 0.41, 0.4, 0.41, 0.5, 0.41]) == (
+      [None] * 6 + ['above 4 x its best'])
+  # Intervals ending within the warm-up (steps <= 100) do not count.
+  assert seen(watch(), [1.0, 2.4, 2.4, 2.4, 2.4], every=40) == [None] * 4 + [chance]
+  assert seen(watch(warmup_steps=0), [1.0, 2.4, 2.4, 2.4], every=40) == [None] * 3 + [chance]
+
+
+def test_divergence_watch_resumes_from_the_logged_losses(tmp_path):
+  """A resumed run's watch replays the train losses logged up to its start:
+  those of the attempt that last logged each step (a killed attempt logged
+  past its checkpoint, and the next one logged those steps again)."""
+  s = train.setup(helpers.tiny_config(**{'divergence.patience': 3}))  # 4 classes, warm-up 4.
+  first = logs.Writer(str(tmp_path))
+  for step, loss in [(10, 1.4), (20, 1.0), (30, 1.39), (40, 1.0)]:
+    first.write_scalars(step, {'train/loss': loss})
+  first.close()
+  time.sleep(1.1)  # Event files are named by the second they were created.
+  second = logs.Writer(str(tmp_path))  # Resumed at 30: logs 40 again, and 50.
+  for step, loss in [(40, 1.5), (50, 1.6)]:
+    second.write_scalars(step, {'train/loss': loss})
+  second.close()
+  w = train.watch_divergence(s, str(tmp_path), start=50)
+  assert (w.best, w.count) == (pytest.approx(1.0), 3)  # 30, 40, 50 at or above ln 4.
+  w = train.watch_divergence(s, str(tmp_path), start=40)
+  assert (w.best, w.count) == (pytest.approx(1.0), 2)
+  assert w.update(60, 1.4) == 'at or above chance (ln 4 = 1.3863)'
+
+
+def test_a_run_that_falls_to_chance_saves_says_so_and_stops(reference, tmp_path, monkeypatch):
+  """From step 20 on every label is shifted by one class: the loss, 1.29 at
+  step 20 (5% under chance, ln 4 = 1.386), is at 30 above chance. With
+  patience 1 and chance_drop 0.05 the run stops there, saved, 10 steps early."""
+  config_path, _ = reference
+  real = input_pipeline.train_batches
+
+  def train_batches(config, *, start_step, **kw):
+    for step, batch in enumerate(real(config, start_step=start_step, **kw), start_step):
+      yield {**batch, 'label': (batch['label'] + 1) % 4} if step >= 20 else batch
+  monkeypatch.setattr(input_pipeline, 'train_batches', train_batches)
+  config = load(config_path, **{'divergence.patience': 1, 'divergence.chance_drop': 0.05})
+  with pytest.raises(train.Diverged) as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  losses = dict(logs.read_scalars(str(tmp_path), 'train/loss'))
+  assert sorted(losses) == [10, 20, 30]
+  assert losses[20] < 0.95 * np.log(4) <= np.log(4) <= losses[30]
+  lr = float(optim.create_optimizer(config, 16, STEPS, None).learning_rate(29))
+  assert str(e.value) == (
+      f'train loss at or above chance (ln 4 = 1.3863) for 1 log intervals: {losses[30]:.4f} at '
+      f'step 30, best logged {losses[20]:.4f}, LR {lr:.4g}; saved a checkpoint at step 30 in '
+      f"{tmp_path}/checkpoints. Lower lr_schedule.base_lr or enable grad_clip; "
+      "on_divergence='ignore' trains on.")
+  assert steps(tmp_path) == [16, 24, 30]
+  assert isinstance(e.value, train.NonFiniteError)  # main.py: exit code 3.
 
 
 def test_skipped_steps_keep_the_applied_lr_and_threshold_on_schedule():
