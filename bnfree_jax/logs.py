@@ -7,6 +7,7 @@ often have none); TensorBoard, bnfree_jax.report and a resumed run
 (read_scalars) read them.
 """
 
+import contextlib
 import os
 import struct
 import time
@@ -14,6 +15,8 @@ import time
 import numpy as np
 from tensorboardX import event_file_writer, summary
 from tensorboardX.proto import event_pb2
+
+from bnfree_jax.workdir import WriteError
 
 TRAIN, EVAL = 'train', 'eval'       # Prefixes of the metrics.TrainMetrics/EvalMetrics names.
 TRAIN_EPOCH = 'train_epoch'         # metrics.EpochMetrics: averages over whole epochs.
@@ -52,14 +55,16 @@ class Writer:
   """
 
   def __init__(self, workdir: str, enabled: bool = True):
+    self._workdir = workdir
     self._events = (event_file_writer.EventsWriter(os.path.join(workdir, 'events'))
                     if enabled else None)
 
   def _write(self, step: int, values: list):
     if self._events:
-      self._events.write_event(event_pb2.Event(
-          step=step, wall_time=time.time(), summary=summary.Summary(value=values)))
-      self._events.flush()
+      with self._writing():
+        self._events.write_event(event_pb2.Event(
+            step=step, wall_time=time.time(), summary=summary.Summary(value=values)))
+        self._events.flush()
 
   def write_scalars(self, step: int, scalars: dict):
     self._write(step, [summary.Summary.Value(tag=name, simple_value=float(value))
@@ -71,7 +76,15 @@ class Writer:
 
   def close(self):
     if self._events:
-      self._events.close()
+      with self._writing():
+        self._events.close()
+
+  @contextlib.contextmanager
+  def _writing(self):
+    try:
+      yield
+    except OSError as e:
+      raise WriteError(f'cannot write the event log in {self._workdir}: {e}') from e
 
 
 def keep_last_run(points):

@@ -17,7 +17,10 @@ usage: python -m bnfree_jax.main --config CONFIG.py[:arg] --workdir DIR [--confi
 Exit codes: 0 done; 2 bad input (config, data, workdir, or a workdir another
 run is using: its lock, WORKDIR/lock), reported in one line before anything
 is compiled; 3 the loss or gradient became non-finite, or the loss diverged
-(config.on_divergence); 75 preempted by SIGTERM/SIGINT after saving a checkpoint (rerun to resume).
+(config.on_divergence); 74 a checkpoint or the event log could not be written
+(a full disk, a read-only filesystem: the message names the path and the
+newest complete checkpoint, which a rerun resumes); 75 preempted by
+SIGTERM/SIGINT after saving a checkpoint (rerun to resume).
 """
 
 import contextlib
@@ -36,7 +39,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from bnfree_jax.workdir import EXIT_BAD_INPUT  # noqa: E402
 
-EXIT_NONFINITE, EXIT_PREEMPTED = 3, 75
+# 74 and 75: sysexits.h's EX_IOERR and EX_TEMPFAIL.
+EXIT_NONFINITE, EXIT_UNWRITABLE, EXIT_PREEMPTED = 3, 74, 75
 
 
 def _flags(argv) -> flags.FlagValues:
@@ -151,6 +155,8 @@ def run(argv=None) -> int:
         return _fail(EXIT_BAD_INPUT, str(e))
       except train.NonFiniteError as e:
         return _fail(EXIT_NONFINITE, str(e))
+      except workdirs.WriteError as e:
+        return _fail(EXIT_UNWRITABLE, str(e))
       except train.Preempted as e:
         logging.info('%s', e)
         return EXIT_PREEMPTED

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bnfree_jax import (checkpointing, input_pipeline, logs, metrics, models, optim, runtime,
                         workdir as workdirs)
-from bnfree_jax.workdir import InputError, check
+from bnfree_jax.workdir import InputError, WriteError, check
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 BN_STATS = ('global', 'per_device')
@@ -321,7 +321,8 @@ def train_and_evaluate(run, workdir: str, devices=None,
 
   Raises InputError for a bad config, data or workdir; NonFiniteError when
   on_nonfinite='stop' meets a non-finite step, and its subclass Diverged when
-  on_divergence='stop' sees the loss diverge; Preempted after SIGTERM/SIGINT,
+  on_divergence='stop' sees the loss diverge; WriteError when a checkpoint or
+  the event log cannot be written; Preempted after SIGTERM/SIGINT,
   once a checkpoint of the current step is saved. A signal while the state is
   restored or the programs compile ends the run at the first step boundary.
   """
@@ -440,7 +441,8 @@ class DivergenceWatch:
     self.count = self.count + 1 if step > self.warmup_steps and (at_chance or above_best) else 0
     if self.count < self.patience:
       return None
-    return (f'at or above chance (ln {self.num_classes} = {chance:.4f})' if at_chance else f'above {self.loss_factor:g} x its best')
+    return (f'at or above chance (ln {self.num_classes} = {chance:.4f})' if at_chance
+            else f'above {self.loss_factor:g} x its best')
 
 
 def watch_divergence(s: Setup, workdir: str, start: int) -> DivergenceWatch:
@@ -456,15 +458,36 @@ def watch_divergence(s: Setup, workdir: str, start: int) -> DivergenceWatch:
 
 
 @contextlib.contextmanager
-def _completing(mngr, writer):
+def _completing(mngr, writer, workdir: str):
   """However the run ends, the checkpoint save in flight completes and the
   metrics reach disk: an error message naming that checkpoint is true, and
-  a rerun resumes from it."""
+  a rerun resumes from it.
+
+  A checkpoint or event that cannot be written ends the run with a
+  WriteError that says what failed (a full disk may fail both: the event log
+  first, as orbax reports a failed save only at the next save or wait) and
+  names the newest complete checkpoint, read from disk once nothing is in
+  flight, since the step last saved may be the one that failed. It replaces
+  any other outcome, whose message may claim a save that failed.
+  """
+  errors = []
   try:
     yield
+  except WriteError as e:
+    errors.append(e)
   finally:
-    mngr.wait_until_finished()
-    writer.close()
+    for finish in (functools.partial(checkpointing.wait, mngr), writer.close):
+      try:
+        finish()
+      except WriteError as e:
+        errors.append(e)
+    if errors:
+      newest = workdirs.latest_checkpoint_step(workdir)
+      # Once: closing the event log fails again as writing it did.
+      raise WriteError('; '.join(dict.fromkeys(map(str, errors)))
+                       + '; the newest complete checkpoint: '
+                       + (f'step {newest} in {mngr.directory}, which a rerun resumes'
+                          if newest is not None else 'none')) from errors[0]
 
 
 def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> dict:
@@ -495,7 +518,7 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
     raise InputError(f'workdir {workdir} has no checkpoint to evaluate')
   writer = logs.Writer(workdir, enabled=jax.process_index() == 0)
 
-  with _completing(mngr, writer):
+  with _completing(mngr, writer, workdir):
     if state is not None and (config.eval_only or int(state.step) >= s.total_steps):
       return _evaluate_and_log(s, state, eval_fn, writer, int(state.step))
     if state is None:

@@ -1,7 +1,7 @@
 """A run's directory: which runs may share it, the lock of the run using it,
-its config.json, its newest checkpoint; and the one error (with its exit
-code) for input that cannot be used: a config value, the data, or the
-workdir."""
+its config.json, its newest checkpoint; the one error (with its exit code)
+for input that cannot be used: a config value, the data, or the workdir; and
+the one for a file of the run that cannot be written."""
 
 import contextlib
 import fcntl
@@ -24,6 +24,11 @@ RUN_IDENTITY = {'dataset': None, 'train_subset': -1, 'model.name': None, 'model.
 
 class InputError(ValueError):
   """A config value, the data or the workdir is unusable."""
+
+
+class WriteError(RuntimeError):
+  """A file of the run (a checkpoint, the event log) could not be written:
+  a full disk, a filesystem turned read-only."""
 
 
 def check(ok, message: str):

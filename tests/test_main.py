@@ -179,7 +179,7 @@ def cli(tmp_path_factory):
                                  f'workdir {root}/busy is in use by host {socket.gethostname()} '
                                  f'pid {os.getpid()} (its lock: {root}/busy/lock)')
   outcomes = {error: argv(error, workdir=root / error) for error in
-              ('InputError', 'NonFiniteError', 'Diverged', 'Preempted', 'SIGTERM')}
+              ('InputError', 'NonFiniteError', 'Diverged', 'WriteError', 'Preempted', 'SIGTERM')}
 
   cases = {name: {'argv': a} for name, (a, _) in bad_input.items()}
   cases.update({name: {'argv': a, 'raises': name} for name, a in outcomes.items()})
@@ -217,9 +217,11 @@ def test_bad_input_touches_no_workdir(cli):
 def test_trainer_outcomes_map_to_exit_codes(cli):
   _, _, outcomes = cli
   assert {name: r['code'] for name, r in outcomes.items()} == {
-      'InputError': 2, 'NonFiniteError': 3, 'Diverged': 3, 'Preempted': 75, 'SIGTERM': 75}
+      'InputError': 2, 'NonFiniteError': 3, 'Diverged': 3, 'WriteError': 74, 'Preempted': 75,
+      'SIGTERM': 75}
   assert outcomes['InputError']['stderr'] == 'error: the trainer says why\n'
   assert outcomes['NonFiniteError']['stderr'] == 'error: the trainer says why\n'
+  assert outcomes['WriteError']['stderr'] == 'error: the trainer says why\n'
   assert 'the trainer says why' in outcomes['Preempted']['stderr']
   assert 'error' not in outcomes['Preempted']['stderr']
   # A signal before the training loop is kept for it, not lost or fatal.

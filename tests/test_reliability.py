@@ -187,7 +187,8 @@ def logged_points(workdir):
     if name.startswith('events.out.tfevents.'):
       for event in event_file_loader.EventFileLoader(str(workdir / name)).Load():
         for v in event.summary.value:
-          value = v.simple_value if v.WhichOneof('value') == 'simple_value' else tuple(v.histo.bucket)
+          value = (v.simple_value if v.WhichOneof('value') == 'simple_value'
+                   else tuple(v.histo.bucket))
           points.setdefault((v.tag, event.step), []).append(value)
   return points
 
@@ -332,6 +333,62 @@ def test_nonfinite_skip_counts_and_goes_on(reference, tmp_path, monkeypatch):
     assert len(values) == 4 and np.isfinite(values).all(), (tag, values)
 
 
+# ------------------------------------------------------------ full disk ----
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 64 MiB tmpfs mounted at tmp_path/disk, unmounted when the test ends.
+  Mounting needs root, which CI has; elsewhere the test fails saying so."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(disk)],
+                         capture_output=True, text=True)
+  if mount.returncode:
+    pytest.fail(f'this test mounts a small tmpfs, which needs root: {mount.stderr.strip()}')
+  try:
+    yield disk
+  finally:
+    subprocess.run(['umount', str(disk)], check=True)
+
+
+def test_a_full_disk_stops_the_run_and_a_rerun_resumes(reference, small_disk, monkeypatch,
+                                                       caplog):
+  """The disk fills up before step 22, 64 KiB left (the event log's few KiB
+  a step fit): the checkpoint of step 24 cannot be written, which orbax
+  reports at the next save or wait; the event log at step 30 may fail first,
+  as the broken save ate the rest. The run stops naming both paths and
+  step 16, intact; with room again, a rerun resumes from it and ends as the
+  uninterrupted run did, bit for bit."""
+  config_path, reference_dir = reference
+  workdir = small_disk / 'run'
+  real = input_pipeline.train_batches
+
+  def train_batches(config, *, start_step, **kw):
+    for step, batch in enumerate(real(config, start_step=start_step, **kw), start_step):
+      if step == 22:
+        with open(small_disk / 'filler', 'wb') as f:
+          os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(small_disk).free - 64 * 1024)
+      yield batch
+  monkeypatch.setattr(input_pipeline, 'train_batches', train_batches)
+  with pytest.raises(train.WriteError) as e:
+    train.train_and_evaluate(load(config_path), str(workdir))
+  message = str(e.value)
+  assert '\n' not in message and f'cannot write a checkpoint in {workdir}/checkpoints: ' in message
+  assert 'No space left on device' in message, message
+  assert message.endswith(f'; the newest complete checkpoint: step 16 in {workdir}/checkpoints, '
+                          'which a rerun resumes'), message
+  assert steps(workdir) == [8, 16] and int(state_at(workdir, 16)['step']) == 16
+
+  monkeypatch.undo()
+  os.remove(small_disk / 'filler')
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(load(config_path), str(workdir))
+  assert f'steps 16..{STEPS} of {STEPS}' in caplog.text
+  assert_same_state(state_at(workdir, STEPS), state_at(reference_dir, STEPS))
+  assert [d for d in os.listdir(workdir / 'checkpoints') if not d.isdigit()] == []
+
+
 # ------------------------------------------------ silent divergence ----
 
 
@@ -353,7 +410,8 @@ def test_divergence_watch_counts_intervals_at_chance_or_far_above_the_best():
   # slow, not diverged; one that learned and falls back to chance is.
   assert seen(watch(), [2.35, 2.31, 2.30, 2.31, 2.29, 2.31, 2.30, 2.32, 1.5, 0.9]) == [None] * 10
   assert seen(watch(), [2.3, 1.5, 2.0, 2.31, 2.4, 2.303, 2.4]) == [None] * 5 + [chance] * 2
-  assert seen(watch(), [2.3, 1.5, 2.31, 2.0, 2.31, 2.4, 1.9, 2.5, 2.6]) == [None] * 9  # Not in a row.
+  # Never three in a row.
+  assert seen(watch(), [2.3, 1.5, 2.31, 2.0, 2.31, 2.4, 1.9, 2.5, 2.6]) == [None] * 9
   # Above 4 x the best (0.1): 0.41 three times; 0.4 is not above.
   assert seen(watch(), [1.0, 0.1, 0.41, 0.4, 0.41, 0.5, 0.41]) == (
       [None] * 6 + ['above 4 x its best'])
