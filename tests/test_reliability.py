@@ -352,6 +352,9 @@ def small_disk(tmp_path):
     subprocess.run(['umount', str(disk)], check=True)
 
 
+# Orbax's failed save leaves a tensorstore callback that posts to orbax's
+# closed event loop ('Event loop is closed'), which Python can only ignore.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
 def test_a_full_disk_stops_the_run_and_a_rerun_resumes(reference, small_disk, monkeypatch,
                                                        caplog):
   """The disk fills up before step 22, 64 KiB left (the event log's few KiB
