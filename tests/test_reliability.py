@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ from tensorboard.backend.event_processing import event_file_loader
 
 import helpers
 from bnfree_jax import checkpointing, input_pipeline, logs, optim, report, train
+from bnfree_jax import workdir as workdirs
 from conftest import REPO
 
 STEPS, EVERY = 40, 8
@@ -193,12 +195,13 @@ def logged_points(workdir):
   return points
 
 
-def test_sigkill_after_a_checkpoint_loses_no_logged_point(reference, tmp_path):
+def test_sigkill_after_a_checkpoint_loses_no_logged_point(reference, tmp_path, caplog):
   """Killed as soon as the checkpoint of step 32 is committed, then rerun: the
   log holds every point of the uninterrupted run exactly once, with its value
   (timings aside). tensorboardX's SummaryWriter had flushed only the first
   event (it flushes every 120 s): train/loss at 10-30 and the eval at 20
-  were lost for good, as the rerun resumes at 32."""
+  were lost for good, as the rerun resumes at 32. The killed run's workdir
+  lock, left behind, is taken over."""
   config_path, reference_dir = reference
   workdir = tmp_path / 'run'
   log = tmp_path / 'killed.log'
@@ -206,7 +209,11 @@ def test_sigkill_after_a_checkpoint_loses_no_logged_point(reference, tmp_path):
     proc = start_cli(procs, KILLING_MAIN, config_path, workdir, log, KILL_AFTER_SAVE='32')
     assert proc.wait(timeout=300) == -signal.SIGKILL, log.read_text()
   assert steps(workdir) == [16, 24, 32]
-  train.train_and_evaluate(load(config_path), str(workdir))
+  assert (workdir / 'lock').read_text() == f'{socket.gethostname()} {proc.pid}\n'
+  with caplog.at_level(logging.WARNING), workdirs.run_lock(str(workdir)):
+    train.train_and_evaluate(load(config_path), str(workdir))
+  assert f'of host {socket.gethostname()} pid {proc.pid}, which ended' in caplog.text
+  assert not (workdir / 'lock').exists()
 
   got, want = logged_points(workdir), logged_points(reference_dir)
   assert sorted(got) == sorted(want)
