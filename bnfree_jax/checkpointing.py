@@ -6,12 +6,15 @@ the oldest ones as newer ones complete; one that cannot be read is moved
 aside (see restore_latest), never deleted.
 """
 
+import contextlib
 import datetime
 import logging
 
 import jax
 from etils import epath
 import orbax.checkpoint as ocp
+
+from bnfree_jax.workdir import WriteError
 
 
 class NoReadableCheckpointError(ValueError):
@@ -53,7 +56,7 @@ def restore_latest(mngr: ocp.CheckpointManager, abstract_state):
       state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
       break
     except Exception as e:  # orbax raises many types for damaged files.
-      errors.append(f'{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""}')
+      errors.append(_first_line(e))
       logging.warning('Checkpoint at step %d in %s cannot be read (%s); trying '
                       'an older one.', step, mngr.directory, errors[-1])
   if state is None and steps:
@@ -85,8 +88,32 @@ def _move_aside(mngr, steps):
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> bool:
   """Starts saving state as `step`; the trainer decides when, so orbax's own
-  interval policy is bypassed."""
-  return mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+  interval policy is bypassed. Raises WriteError if this save, or the one
+  before, which orbax was still writing, failed."""
+  with _writing(mngr):
+    return mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def wait(mngr: ocp.CheckpointManager):
+  """Returns once the save in flight is complete; raises WriteError if it
+  failed."""
+  with _writing(mngr):
+    mngr.wait_until_finished()
+
+
+@contextlib.contextmanager
+def _writing(mngr):
+  # Orbax writes in background threads and raises what failed there at the
+  # next save or wait, as whatever type the writer raised: OSError (errno 28,
+  # no space left; 30, read-only), tensorstore's ValueError, ...
+  try:
+    yield
+  except Exception as e:
+    raise WriteError(f'cannot write a checkpoint in {mngr.directory}: {_first_line(e)}') from e
+
+
+def _first_line(error: Exception) -> str:
+  return f'{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ""}'
 
 
 def read_variables(source: str) -> tuple[int, dict]:

@@ -14,11 +14,16 @@ usage: python -m bnfree_jax.main --config CONFIG.py[:arg] --workdir DIR [--confi
                             a multi-process run (else SLURM's, Open MPI's or
                             JAX's own environment is read when present).
 
-Exit codes: 0 done; 2 bad input (config, data, workdir), reported in one line
-before anything is compiled; 3 the loss or gradient became non-finite;
-75 preempted by SIGTERM/SIGINT after saving a checkpoint (rerun to resume).
+Exit codes: 0 done; 2 bad input (config, data, workdir, or a workdir another
+run is using: its lock, WORKDIR/lock), reported in one line before anything
+is compiled; 3 the loss or gradient became non-finite, or the loss diverged
+(config.on_divergence); 74 a checkpoint or the event log could not be written
+(a full disk, a read-only filesystem: the message names the path and the
+newest complete checkpoint, which a rerun resumes); 75 preempted by
+SIGTERM/SIGINT after saving a checkpoint (rerun to resume).
 """
 
+import contextlib
 import logging
 import os
 import re
@@ -34,7 +39,8 @@ from ml_collections import config_flags  # noqa: E402
 
 from bnfree_jax.workdir import EXIT_BAD_INPUT  # noqa: E402
 
-EXIT_NONFINITE, EXIT_PREEMPTED = 3, 75
+# 74 and 75: sysexits.h's EX_IOERR and EX_TEMPFAIL.
+EXIT_NONFINITE, EXIT_UNWRITABLE, EXIT_PREEMPTED = 3, 74, 75
 HELP_FLAGS = ('-h', '--help', '--helpshort', '--helpfull')
 
 
@@ -139,24 +145,29 @@ def run(argv=None) -> int:
       return _fail(EXIT_BAD_INPUT, str(e))
     # Every check that needs no compilation, so a typo costs seconds, and one
     # process's bad input (data missing on its host, say) stops all of them.
-    try:
-      s = train.setup(config)
-      workdirs.check_workdir(config, workdir)
-      error = None
-    except (ValueError, TypeError) as e:  # TypeError: a config value of the wrong type.
-      error = str(e)
-    error = runtime.first_error_of_all_processes(error)
-    if error:
-      return _fail(EXIT_BAD_INPUT, error)
-    try:
-      train.train_and_evaluate(s, workdir, stop=stop)
-    except workdirs.InputError as e:
-      return _fail(EXIT_BAD_INPUT, str(e))
-    except train.NonFiniteError as e:
-      return _fail(EXIT_NONFINITE, str(e))
-    except train.Preempted as e:
-      logging.info('%s', e)
-      return EXIT_PREEMPTED
+    # The workdir's lock is one of them, held until the run ends.
+    with contextlib.ExitStack() as lock:
+      try:
+        s = train.setup(config)
+        workdirs.check_workdir(config, workdir)
+        lock.enter_context(workdirs.run_lock(workdir))
+        error = None
+      except (ValueError, TypeError) as e:  # TypeError: a config value of the wrong type.
+        error = str(e)
+      error = runtime.first_error_of_all_processes(error)
+      if error:
+        return _fail(EXIT_BAD_INPUT, error)
+      try:
+        train.train_and_evaluate(s, workdir, stop=stop)
+      except workdirs.InputError as e:
+        return _fail(EXIT_BAD_INPUT, str(e))
+      except train.NonFiniteError as e:
+        return _fail(EXIT_NONFINITE, str(e))
+      except workdirs.WriteError as e:
+        return _fail(EXIT_UNWRITABLE, str(e))
+      except train.Preempted as e:
+        logging.info('%s', e)
+        return EXIT_PREEMPTED
   return 0
 
 

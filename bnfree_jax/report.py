@@ -58,19 +58,6 @@ def _check_run_dir(run_dir):
     raise ReportError(f'run directory {run_dir} has no TensorBoard event files')
 
 
-def _keep_last_run(points):
-  """(step, value) points of one tag in the order written. A resumed run logs
-  again from its checkpoint step, so a step at or below the last one seen
-  drops the stale points after it: EventAccumulator only purges on TF1
-  restart markers, which newer writers never emit."""
-  kept = []
-  for step, value in points:
-    while kept and kept[-1][0] >= step:
-      kept.pop()
-    kept.append((step, value))
-  return kept
-
-
 def _histogram(proto):
   """[k, 3] (left edge, right edge, count) of a HistogramProto (tensorboardX)."""
   right = np.asarray(proto.bucket_limit, float)
@@ -110,7 +97,7 @@ def load_run(run_dir) -> Run:
   acc.Reload()
   scalars, hists = {}, {}
   for tag, (histogram, points) in _tag_points(acc).items():
-    steps, values = zip(*_keep_last_run(points)) if points else ((), ())
+    steps, values = zip(*logs.keep_last_run(points)) if points else ((), ())
     if histogram:
       # Buckets with non-finite edges (log10 of a zero gradient) cannot be drawn.
       finite = [(s, h[np.isfinite(h).all(axis=1)]) for s, h in zip(steps, values)]

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -23,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bnfree_jax import (checkpointing, dp_sgd, input_pipeline, logs, metrics, models, optim,
                         privacy, runtime, workdir as workdirs)
-from bnfree_jax.workdir import InputError, check
+from bnfree_jax.workdir import InputError, WriteError, check
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 BN_STATS = ('global', 'per_device')
@@ -31,6 +32,12 @@ BN_STATS = ('global', 'per_device')
 
 class NonFiniteError(RuntimeError):
   """The loss or gradient became NaN or infinite."""
+
+
+class Diverged(NonFiniteError):
+  """The train loss diverged while finite (see DivergenceWatch) and
+  on_divergence='stop'; a checkpoint of that step was saved. A subclass of
+  NonFiniteError: the same kind of end, the same exit code."""
 
 
 class Preempted(RuntimeError):
@@ -88,6 +95,13 @@ def setup(config, devices=None) -> Setup:
          f'eval_every_steps={config.eval_every_steps!r} must be > 0, or -1 for once per epoch')
   check(config.on_nonfinite in ('stop', 'skip'),
          f"on_nonfinite={config.on_nonfinite!r} is not one of: stop, skip")
+  check(config.on_divergence in ('stop', 'ignore'),
+        f"on_divergence={config.on_divergence!r} is not one of: stop, ignore")
+  d = config.divergence
+  check(isinstance(d.patience, int) and d.patience > 0,
+        f'divergence.patience={d.patience!r} must be an integer > 0')
+  check(d.loss_factor > 1, f'divergence.loss_factor={d.loss_factor!r} must be > 1')
+  check(0 < d.chance_drop < 1, f'divergence.chance_drop={d.chance_drop!r} must be in (0, 1)')
   check(not config.model.wn_data_init or config.model.norm == 'weight',
          f"model.wn_data_init=True needs model.norm='weight', not {config.model.norm!r}")
   check(0 <= config.label_smoothing < 1,
@@ -468,7 +482,9 @@ def train_and_evaluate(run, workdir: str, devices=None,
   from its start); by default this call takes them over itself.
 
   Raises InputError for a bad config, data or workdir; NonFiniteError when
-  on_nonfinite='stop' meets a non-finite step; Preempted after SIGTERM/SIGINT,
+  on_nonfinite='stop' meets a non-finite step, and its subclass Diverged when
+  on_divergence='stop' sees the loss diverge; WriteError when a checkpoint or
+  the event log cannot be written; Preempted after SIGTERM/SIGINT,
   once a checkpoint of the current step is saved. A signal while the state is
   restored or the programs compile ends the run at the first step boundary.
   """
@@ -511,9 +527,9 @@ def _evaluate_and_log(s: Setup, state, eval_fn, writer, step: int) -> dict:
   return results
 
 
-def _log_train(s: Setup, writer, step: int, state, train_seconds: float, steps: int):
-  """Writes and prints the averages of the last `steps` steps, which took
-  train_seconds (evaluations excluded)."""
+def _log_train(s: Setup, writer, step: int, state, train_seconds: float, steps: int) -> dict:
+  """Writes, prints and returns the averages of the last `steps` steps, which
+  took train_seconds (evaluations excluded)."""
   values = {logs.tag(logs.TRAIN, k): float(v)
             for k, v in state.train_metrics.compute().items()}
   if s.optimizer.clip_threshold is None and not s.config.dp.enabled:
@@ -531,6 +547,7 @@ def _log_train(s: Setup, writer, step: int, state, train_seconds: float, steps: 
        step, s.total_steps, values[logs.EPOCH], values['train/loss'],
        100 * values['train/top1'], images_per_sec,
        logs.format_duration((s.total_steps - step) * train_seconds / steps))
+  return values
 
 
 def dp_epsilon(s: Setup, steps: int) -> float:
@@ -575,16 +592,86 @@ def _ensure_finite(step: int, finite, last_saved: int | None, directory):
         "on_nonfinite='skip'.")
 
 
+@dataclasses.dataclass
+class DivergenceWatch:
+  """Tells from the train loss of each log step when a run has diverged
+  without going non-finite (fallen back to chance, say): after `patience`
+  consecutive log intervals ending after the LR warm-up, each with a loss
+  - at or above chance, ln of the class count (what uniform predictions
+    score whatever the label smoothing, which only lifts the floor below
+    it), once the best logged loss was a fraction chance_drop below chance:
+    a run still at chance has not started yet, it has not diverged (several
+    :lowdata rows sit there for 5-7 of their 20 epochs,
+    results/paper_lowdata/loss.png), or
+  - above loss_factor times the best logged loss.
+  Its state is a function of the logged losses, which the event files hold
+  up to every checkpoint: a resumed run replays them (watch_divergence).
+  """
+  num_classes: int
+  warmup_steps: int
+  patience: int
+  loss_factor: float
+  chance_drop: float
+  best: float = float('inf')
+  count: int = 0
+
+  def update(self, step: int, loss: float) -> str | None:
+    """Takes the loss logged at step; returns what diverged ('at or above
+    chance ...'), once it has for `patience` intervals, else None."""
+    chance = math.log(self.num_classes)
+    at_chance = loss >= chance and self.best <= (1 - self.chance_drop) * chance
+    above_best = loss > self.loss_factor * self.best
+    self.best = min(self.best, loss)
+    self.count = self.count + 1 if step > self.warmup_steps and (at_chance or above_best) else 0
+    if self.count < self.patience:
+      return None
+    return (f'at or above chance (ln {self.num_classes} = {chance:.4f})' if at_chance
+            else f'above {self.loss_factor:g} x its best')
+
+
+def watch_divergence(s: Setup, workdir: str, start: int) -> DivergenceWatch:
+  """A DivergenceWatch that has seen the train losses workdir's event files
+  hold up to step start."""
+  d = s.config.divergence
+  watch = DivergenceWatch(s.info.num_classes, s.optimizer.warmup_steps,
+                          d.patience, d.loss_factor, d.chance_drop)
+  for step, loss in logs.read_scalars(workdir, logs.tag(logs.TRAIN, 'loss')):
+    if step <= start:
+      watch.update(step, loss)
+  return watch
+
+
 @contextlib.contextmanager
-def _completing(mngr, writer):
+def _completing(mngr, writer, workdir: str):
   """However the run ends, the checkpoint save in flight completes and the
   metrics reach disk: an error message naming that checkpoint is true, and
-  a rerun resumes from it."""
+  a rerun resumes from it.
+
+  A checkpoint or event that cannot be written ends the run with a
+  WriteError that says what failed (a full disk may fail both: the event log
+  first, as orbax reports a failed save only at the next save or wait) and
+  names the newest complete checkpoint, read from disk once nothing is in
+  flight, since the step last saved may be the one that failed. It replaces
+  any other outcome, whose message may claim a save that failed.
+  """
+  errors = []
   try:
     yield
+  except WriteError as e:
+    errors.append(e)
   finally:
-    mngr.wait_until_finished()
-    writer.close()
+    for finish in (functools.partial(checkpointing.wait, mngr), writer.close):
+      try:
+        finish()
+      except WriteError as e:
+        errors.append(e)
+    if errors:
+      newest = workdirs.latest_checkpoint_step(workdir)
+      # Once: closing the event log fails again as writing it did.
+      raise WriteError('; '.join(dict.fromkeys(map(str, errors)))
+                       + '; the newest complete checkpoint: '
+                       + (f'step {newest} in {mngr.directory}, which a rerun resumes'
+                          if newest is not None else 'none')) from errors[0]
 
 
 def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> dict:
@@ -617,7 +704,7 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
     raise InputError(f'workdir {workdir} has no checkpoint to evaluate')
   writer = logs.Writer(workdir, enabled=jax.process_index() == 0)
 
-  with _completing(mngr, writer):
+  with _completing(mngr, writer, workdir):
     if state is not None and (config.eval_only or int(state.step) >= s.total_steps):
       return _evaluate_and_log(s, state, eval_fn, writer, int(state.step))
     if state is None:
@@ -643,7 +730,8 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
     # non-finite step; its flag is read one step late (except before any of
     # those) to keep one step in flight on the device.
     check_finite = config.on_nonfinite == 'stop'
-    results, previous = {}, None
+    watch = watch_divergence(s, workdir, start) if config.on_divergence == 'stop' else None
+    results, previous, diverged = {}, None, None
     last_saved, interval_start, interval_t0 = mngr.latest_step(), start, time.perf_counter()
     batches = train_batches(start_step=start)
     for step in range(start, s.total_steps):
@@ -672,9 +760,15 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
       if check_finite and (log_now or epoch_done or eval_now):
         _ensure_finite(step, finite, last_saved, mngr.directory)
       if log_now:
-        _log_train(s, writer, done, state, time.perf_counter() - interval_t0,
-                   done - interval_start)
+        values = _log_train(s, writer, done, state, time.perf_counter() - interval_t0,
+                            done - interval_start)
         interval_start, interval_t0 = done, time.perf_counter()
+        loss = values[logs.tag(logs.TRAIN, 'loss')]
+        seen = watch and watch.update(done, loss)
+        if seen:
+          diverged = (f'train loss {seen} for {watch.patience} log intervals: {loss:.4f} at '
+                      f'step {done}, best logged {watch.best:.4f}, LR '
+                      f"{values[logs.tag(logs.TRAIN, 'learning_rate')]:.4g}")
       if epoch_done:
         _log_epoch(writer, done, state)
       if eval_now:
@@ -683,12 +777,16 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
         interval_t0 += time.perf_counter() - t0  # Rates and ETA count training only.
       # Asked after the eval, so a signal during it saves this very step.
       preempted = stop.requested()
-      save_now = done % config.checkpoint_every_steps == 0 or last or preempted
+      save_now = done % config.checkpoint_every_steps == 0 or last or preempted or diverged
       if save_now:
         if check_finite:
           _ensure_finite(step, finite, last_saved, mngr.directory)
         checkpointing.save(mngr, done, state)
         last_saved = done
+      if diverged:
+        raise Diverged(f'{diverged}; saved a checkpoint at step {done} in {mngr.directory}. '
+                       'Lower lr_schedule.base_lr or enable grad_clip; '
+                       "on_divergence='ignore' trains on.")
       if preempted and not last:  # After the last step there is nothing to resume.
         raise Preempted(f'{stop.received or "a stop signal"} received: saved a '
                         f'checkpoint at step {done} in {mngr.directory}')

@@ -1,10 +1,15 @@
-"""A run's directory: which runs may share it, its config.json, its newest
-checkpoint; and the one error (with its exit code) for input that cannot be
-used: a config value, the data, or the workdir."""
+"""A run's directory: which runs may share it, the lock of the run using it,
+its config.json, its newest checkpoint; the one error (with its exit code)
+for input that cannot be used: a config value, the data, or the workdir; and
+the one for a file of the run that cannot be written."""
 
+import contextlib
+import fcntl
 import functools
 import json
+import logging
 import os
+import socket
 
 import jax
 
@@ -19,6 +24,11 @@ RUN_IDENTITY = {'dataset': None, 'train_subset': -1, 'model.name': None, 'model.
 
 class InputError(ValueError):
   """A config value, the data or the workdir is unusable."""
+
+
+class WriteError(RuntimeError):
+  """A file of the run (a checkpoint, the event log) could not be written:
+  a full disk, a filesystem turned read-only."""
 
 
 def check(ok, message: str):
@@ -86,3 +96,68 @@ def prepare_workdir(config, workdir):
     with open(path + '.tmp', 'w') as f:
       f.write(config.to_json_best_effort(indent=2, sort_keys=True))
     os.replace(path + '.tmp', path)
+
+
+@contextlib.contextmanager
+def run_lock(workdir):
+  """Holds WORKDIR/lock while the run uses workdir, so that a second run
+  started on it (another terminal, a requeued job whose predecessor still
+  runs) stops with an InputError naming the holder's host and pid. One lock
+  per run: process 0 takes it; the other processes learn of its failure as
+  of any input error.
+
+  The file holds "HOST PID" under an flock, which the kernel drops when the
+  holder dies however it dies; the holder deletes the file when it is done.
+  A file whose flock is free was left by a holder that died: on this host it
+  is taken over, with a log line. One left by another host stays refused
+  (where flocks do not reach across hosts, its holder may still run), and
+  the message says to delete it once that process is gone.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  path = os.path.join(workdir, 'lock')
+  fd = _lock(path)
+  try:
+    yield
+  finally:
+    os.unlink(path)  # Before the flock goes: a waiting run then opens a new file.
+    os.close(fd)
+
+
+def _lock(path) -> int:
+  """A descriptor of path holding its flock and this process's name."""
+  workdir, host = os.path.dirname(path), socket.gethostname()
+  while True:
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = _holder(fd) or 'another run'  # Or one yet to write its name.
+      os.close(fd)
+      raise InputError(f'workdir {workdir} is in use by {holder} (its lock: {path})') from None
+    try:
+      current = os.stat(path).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+      current = False
+    if not current:  # Its holder deleted it on ending, after our open: once more.
+      os.close(fd)
+      continue
+    holder = _holder(fd)
+    if holder and not holder.startswith(f'host {host} '):
+      os.close(fd)
+      raise InputError(f'workdir {workdir} is in use by {holder} (its lock: {path}); '
+                       'if that run has ended, delete the lock')
+    if holder:
+      logging.warning('Taking over the lock %s of %s, which ended without releasing it.',
+                      path, holder)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'{host} {os.getpid()}\n'.encode(), 0)
+    os.fsync(fd)  # Seen from other hosts while the run holds the file open.
+    return fd
+
+
+def _holder(fd) -> str | None:
+  """'host HOST pid PID' as the lock file names them, or None if it is empty."""
+  words = os.pread(fd, 1024, 0).decode(errors='replace').split()
+  return f'host {words[0]} pid {" ".join(words[1:])}' if words else None

@@ -133,6 +133,20 @@ def get_config():
   c.eval_every_steps = -1        # -1 -> once per epoch.
   c.eval_only = False
   c.on_nonfinite = 'stop'        # stop | skip
+  # A run can diverge without a non-finite step, its loss back at chance:
+  # 'stop' saves, says in one line what it saw and exits with code 3, as
+  # on_nonfinite='stop' does; 'ignore' trains on. It has diverged after
+  # `patience` consecutive log intervals, past the LR warm-up, whose train
+  # loss is at or above chance (ln of the class count), counted once the best
+  # logged loss was a fraction chance_drop below chance (a run that has not
+  # yet left chance is slow, not diverged), or above loss_factor times the
+  # best logged loss. The rule in full: bnfree_jax/train.py, DivergenceWatch.
+  c.on_divergence = 'stop'       # stop | ignore
+  c.divergence = ml_collections.ConfigDict(dict(
+      patience=5,
+      loss_factor=4.0,
+      chance_drop=0.1,
+  ))
   c.remat = False                # jax.checkpoint around each residual block.
   c.compute_dtype = 'float32'    # float32 | bfloat16 (params stay float32).
 

@@ -8,7 +8,10 @@ anything TF, absl or JAX would print there counts too.
 """
 
 import json
+import logging
 import os
+import re
+import socket
 import subprocess
 import sys
 
@@ -126,6 +129,12 @@ def cli(tmp_path_factory):
       'clip threshold': (argv('c', '--config.grad_clip.threshold=0'),
                          'grad_clip.threshold=0.0 must be > 0'),
       'bad choice': (argv('o', '--config.on_nonfinite=ignore'), "on_nonfinite='ignore'"),
+      'bad divergence choice': (argv('dc', '--config.on_divergence=skip'),
+                                "on_divergence='skip' is not one of: stop, ignore"),
+      'zero divergence patience': (argv('dp', '--config.divergence.patience=0'),
+                                   'divergence.patience=0 must be an integer > 0'),
+      'loss factor 1': (argv('df', '--config.divergence.loss_factor=1'),
+                        'divergence.loss_factor=1.0 must be > 1'),
       'missing dataset': (argv('m', '--config.dataset=cifar10',
                                f'--config.data_dir={root}/empty_data_dir'),
                           f'cifar10: no prepared tfds copy under {root}/empty_data_dir'),
@@ -174,18 +183,25 @@ def cli(tmp_path_factory):
     (root / 'read_only').mkdir(mode=0o555)
     bad_input['read-only workdir'] = (argv('r', workdir=root / 'read_only'),
                                       f'workdir {root}/read_only is not writable')
+  # This process runs on 'busy' (holds its lock) while the cases run.
+  existing_run(root / 'busy', width=8)
+  bad_input['workdir in use'] = (argv('h', workdir=root / 'busy'),
+                                 f'workdir {root}/busy is in use by host {socket.gethostname()} '
+                                 f'pid {os.getpid()} (its lock: {root}/busy/lock)')
   outcomes = {error: argv(error, workdir=root / error) for error in
-              ('InputError', 'NonFiniteError', 'Preempted', 'SIGTERM')}
-  before = {d: snapshot(root / d) for d in ('other_model', 'same_model', 'broken_run')}
+              ('InputError', 'NonFiniteError', 'Diverged', 'WriteError', 'Preempted', 'SIGTERM')}
 
   cases = {name: {'argv': a} for name, (a, _) in bad_input.items()}
   cases.update({name: {'argv': a, 'raises': name} for name, a in outcomes.items()})
   (root / 'cases.json').write_text(json.dumps(cases))
-  proc = subprocess.run([sys.executable, '-c', RUNNER, root / 'cases.json', root / 'results.json'],
-                        cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr
+  with workdirs.run_lock(str(root / 'busy')):
+    before = {d: snapshot(root / d) for d in ('other_model', 'same_model', 'broken_run', 'busy')}
+    proc = subprocess.run([sys.executable, '-c', RUNNER, root / 'cases.json',
+                           root / 'results.json'],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert {d: snapshot(root / d) for d in before} == before
   results = json.loads((root / 'results.json').read_text())
-  assert {d: snapshot(root / d) for d in before} == before
   assert results['control']['compile_events'], results['control']  # The listener hears.
   return root, {name: (named, results[name]) for name, (_, named) in bad_input.items()}, {
       name: results[name] for name in outcomes}
@@ -211,13 +227,52 @@ def test_bad_input_touches_no_workdir(cli):
 def test_trainer_outcomes_map_to_exit_codes(cli):
   _, _, outcomes = cli
   assert {name: r['code'] for name, r in outcomes.items()} == {
-      'InputError': 2, 'NonFiniteError': 3, 'Preempted': 75, 'SIGTERM': 75}
+      'InputError': 2, 'NonFiniteError': 3, 'Diverged': 3, 'WriteError': 74, 'Preempted': 75,
+      'SIGTERM': 75}
   assert outcomes['InputError']['stderr'] == 'error: the trainer says why\n'
   assert outcomes['NonFiniteError']['stderr'] == 'error: the trainer says why\n'
+  assert outcomes['WriteError']['stderr'] == 'error: the trainer says why\n'
   assert 'the trainer says why' in outcomes['Preempted']['stderr']
   assert 'error' not in outcomes['Preempted']['stderr']
   # A signal before the training loop is kept for it, not lost or fatal.
   assert 'the trainer found SIGTERM' in outcomes['SIGTERM']['stderr']
+
+
+def test_trainer_outcomes_release_the_workdir_lock(cli):
+  root, _, outcomes = cli
+  assert [os.path.exists(root / name / 'lock') for name in outcomes] == [False] * len(outcomes)
+  assert not (root / 'busy' / 'lock').exists()  # Released by this process.
+
+
+def test_workdir_lock_is_taken_over_from_a_dead_run_and_leaves_the_rest(tmp_path, caplog):
+  """A run SIGKILLed on this host leaves its lock file, its flock gone: the
+  next run takes it over, says so, and removes it when done; the workdir's
+  other files are untouched."""
+  host, lock = socket.gethostname(), tmp_path / 'lock'
+  (tmp_path / 'config.json').write_text('{}')
+  dead = subprocess.Popen(['true'])
+  dead.wait()
+  lock.write_text(f'{host} {dead.pid}\n')
+  with caplog.at_level(logging.WARNING), workdirs.run_lock(str(tmp_path)):
+    assert lock.read_text() == f'{host} {os.getpid()}\n'
+    with pytest.raises(workdirs.InputError, match=re.escape(
+        f'workdir {tmp_path} is in use by host {host} pid {os.getpid()} (its lock: {lock})')):
+      with workdirs.run_lock(str(tmp_path)):
+        pass
+  assert f'Taking over the lock {lock} of host {host} pid {dead.pid}, which ended' in caplog.text
+  assert os.listdir(tmp_path) == ['config.json'] and (tmp_path / 'config.json').read_text() == '{}'
+
+
+def test_workdir_lock_of_another_host_is_refused(tmp_path):
+  """Where flocks do not reach across hosts, a run on another host may hold
+  the workdir with its flock free here: refused, and kept."""
+  (tmp_path / 'lock').write_text('node17 4242\n')
+  with pytest.raises(workdirs.InputError, match=re.escape(
+      f'workdir {tmp_path} is in use by host node17 pid 4242 (its lock: {tmp_path}/lock); '
+      'if that run has ended, delete the lock')):
+    with workdirs.run_lock(str(tmp_path)):
+      pass
+  assert (tmp_path / 'lock').read_text() == 'node17 4242\n'
 
 
 def test_unwritable_workdir(tmp_path, monkeypatch):

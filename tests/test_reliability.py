@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -24,9 +25,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tensorboard.backend.event_processing import event_file_loader
 
 import helpers
-from bnfree_jax import checkpointing, input_pipeline, optim, report, train
+from bnfree_jax import checkpointing, input_pipeline, logs, optim, report, train
+from bnfree_jax import workdir as workdirs
 from conftest import REPO
 
 STEPS, EVERY = 40, 8
@@ -93,18 +96,42 @@ sys.exit(main.run(sys.argv))
 """
 
 
-def launch(procs, config_path, workdir, log_path, pause_at):
-  """The CLI on the config, as a user would start it, pausing before step
-  pause_at: returns (process, paused file, resume file)."""
+# `python -m bnfree_jax.main ARGV`, except that the process SIGKILLs itself as
+# soon as the checkpoint of step $KILL_AFTER_SAVE is committed (renamed from
+# orbax's tmp directory to its step).
+KILLING_MAIN = r"""
+import os, signal, sys
+from bnfree_jax import checkpointing, main
+
+real, kill_after = checkpointing.save, int(os.environ['KILL_AFTER_SAVE'])
+
+def save(mngr, step, state):
+  real(mngr, step, state)
+  if step == kill_after:
+    mngr.wait_until_finished()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+checkpointing.save = save
+sys.exit(main.run(sys.argv))
+"""
+
+
+def start_cli(procs, script, config_path, workdir, log_path, **env):
+  """`python -c script` on the config, as a user would start the CLI."""
   # The child inherits this count, so it compiles the reference's programs.
   assert int(os.environ['JAX_NUM_CPU_DEVICES']) == jax.device_count()
-  paused, resume = log_path.with_suffix('.paused'), log_path.with_suffix('.resume')
   with open(log_path, 'w') as log:
-    proc = procs.start(
-        [sys.executable, '-c', PAUSING_MAIN, '--config', str(config_path),
-         '--workdir', str(workdir)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-        env={**os.environ, 'PAUSE_AT_STEP': str(pause_at), 'PAUSED_FILE': str(paused),
-             'RESUME_FILE': str(resume)})
+    return procs.start(
+        [sys.executable, '-c', script, '--config', str(config_path), '--workdir', str(workdir)],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env})
+
+
+def launch(procs, config_path, workdir, log_path, pause_at):
+  """The CLI pausing before step pause_at: returns (process, paused file,
+  resume file)."""
+  paused, resume = log_path.with_suffix('.paused'), log_path.with_suffix('.resume')
+  proc = start_cli(procs, PAUSING_MAIN, config_path, workdir, log_path,
+                   PAUSE_AT_STEP=str(pause_at), PAUSED_FILE=str(paused), RESUME_FILE=str(resume))
   return proc, paused, resume
 
 
@@ -152,6 +179,49 @@ def test_sigkill_then_sigterm_while_compiling_then_rerun_is_exact(reference, tmp
   # parameters, optimizer state (LR and clip schedules), step counters.
   train.train_and_evaluate(load(config_path), str(workdir))
   assert_same_state(state_at(workdir, STEPS), state_at(reference_dir, STEPS))
+
+
+def logged_points(workdir):
+  """{(tag, step): [value, ...]}, a value per time the point was written to
+  any event file of workdir (a histogram's value: its bucket counts)."""
+  points = {}
+  for name in sorted(os.listdir(workdir)):
+    if name.startswith('events.out.tfevents.'):
+      for event in event_file_loader.EventFileLoader(str(workdir / name)).Load():
+        for v in event.summary.value:
+          value = (v.simple_value if v.WhichOneof('value') == 'simple_value'
+                   else tuple(v.histo.bucket))
+          points.setdefault((v.tag, event.step), []).append(value)
+  return points
+
+
+def test_sigkill_after_a_checkpoint_loses_no_logged_point(reference, tmp_path, caplog):
+  """Killed as soon as the checkpoint of step 32 is committed, then rerun: the
+  log holds every point of the uninterrupted run exactly once, with its value
+  (timings aside). tensorboardX's SummaryWriter had flushed only the first
+  event (it flushes every 120 s): train/loss at 10-30 and the eval at 20
+  were lost for good, as the rerun resumes at 32. The killed run's workdir
+  lock, left behind, is taken over."""
+  config_path, reference_dir = reference
+  workdir = tmp_path / 'run'
+  log = tmp_path / 'killed.log'
+  with helpers.Processes() as procs:
+    proc = start_cli(procs, KILLING_MAIN, config_path, workdir, log, KILL_AFTER_SAVE='32')
+    assert proc.wait(timeout=300) == -signal.SIGKILL, log.read_text()
+  assert steps(workdir) == [16, 24, 32]
+  assert (workdir / 'lock').read_text() == f'{socket.gethostname()} {proc.pid}\n'
+  with caplog.at_level(logging.WARNING), workdirs.run_lock(str(workdir)):
+    train.train_and_evaluate(load(config_path), str(workdir))
+  assert f'of host {socket.gethostname()} pid {proc.pid}, which ended' in caplog.text
+  assert not (workdir / 'lock').exists()
+
+  got, want = logged_points(workdir), logged_points(reference_dir)
+  assert sorted(got) == sorted(want)
+  assert {k: len(v) for k, v in got.items() if len(v) != 1} == {}
+  timing = lambda tag: tag.startswith('perf/') or tag == 'steps_per_sec'
+  assert {k: v for k, v in got.items() if not timing(k[0])} == {
+      k: v for k, v in want.items() if not timing(k[0])}
+  assert ('train/loss', 30) in got and ('eval/loss', 20) in got
 
 
 @pytest.fixture
@@ -268,6 +338,144 @@ def test_nonfinite_skip_counts_and_goes_on(reference, tmp_path, monkeypatch):
   for tag in ('train/loss', 'train/top1', 'train/grad_norm'):
     values = scalars[tag][1]
     assert len(values) == 4 and np.isfinite(values).all(), (tag, values)
+
+
+# ------------------------------------------------------------ full disk ----
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 64 MiB tmpfs mounted at tmp_path/disk, unmounted when the test ends.
+  Mounting needs root, which CI has; elsewhere the test fails saying so."""
+  disk = tmp_path / 'disk'
+  disk.mkdir()
+  mount = subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=64m', 'tmpfs', str(disk)],
+                         capture_output=True, text=True)
+  if mount.returncode:
+    pytest.fail(f'this test mounts a small tmpfs, which needs root: {mount.stderr.strip()}')
+  try:
+    yield disk
+  finally:
+    subprocess.run(['umount', str(disk)], check=True)
+
+
+# Orbax's failed save leaves a tensorstore callback that posts to orbax's
+# closed event loop ('Event loop is closed'), which Python can only ignore.
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_a_full_disk_stops_the_run_and_a_rerun_resumes(reference, small_disk, monkeypatch,
+                                                       caplog):
+  """The disk fills up before step 22, 64 KiB left (the event log's few KiB
+  a step fit): the checkpoint of step 24 cannot be written, which orbax
+  reports at the next save or wait; the event log at step 30 may fail first,
+  as the broken save ate the rest. The run stops naming both paths and
+  step 16, intact; with room again, a rerun resumes from it and ends as the
+  uninterrupted run did, bit for bit."""
+  config_path, reference_dir = reference
+  workdir = small_disk / 'run'
+  real = input_pipeline.train_batches
+
+  def train_batches(config, *, start_step, **kw):
+    for step, batch in enumerate(real(config, start_step=start_step, **kw), start_step):
+      if step == 22:
+        with open(small_disk / 'filler', 'wb') as f:
+          os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(small_disk).free - 64 * 1024)
+      yield batch
+  monkeypatch.setattr(input_pipeline, 'train_batches', train_batches)
+  with pytest.raises(train.WriteError) as e:
+    train.train_and_evaluate(load(config_path), str(workdir))
+  message = str(e.value)
+  assert '\n' not in message and f'cannot write a checkpoint in {workdir}/checkpoints: ' in message
+  assert 'No space left on device' in message, message
+  assert message.endswith(f'; the newest complete checkpoint: step 16 in {workdir}/checkpoints, '
+                          'which a rerun resumes'), message
+  assert steps(workdir) == [8, 16] and int(state_at(workdir, 16)['step']) == 16
+
+  monkeypatch.undo()
+  os.remove(small_disk / 'filler')
+  with caplog.at_level(logging.INFO):
+    train.train_and_evaluate(load(config_path), str(workdir))
+  assert f'steps 16..{STEPS} of {STEPS}' in caplog.text
+  assert_same_state(state_at(workdir, STEPS), state_at(reference_dir, STEPS))
+  assert [d for d in os.listdir(workdir / 'checkpoints') if not d.isdigit()] == []
+
+
+# ------------------------------------------------ silent divergence ----
+
+
+def watch(**changes):
+  """A DivergenceWatch of 10 classes (chance 2.3026), warm-up 100 steps,
+  patience 3, loss factor 4, armed for chance at best <= 2.0723."""
+  return train.DivergenceWatch(**{'num_classes': 10, 'warmup_steps': 100, 'patience': 3,
+                                  'loss_factor': 4.0, 'chance_drop': 0.1, **changes})
+
+
+def seen(w, losses, every=50):
+  """What w.update says for losses logged every `every` steps from step every."""
+  return [w.update(every * (i + 1), loss) for i, loss in enumerate(losses)]
+
+
+def test_divergence_watch_counts_intervals_at_chance_or_far_above_the_best():
+  chance = 'at or above chance (ln 10 = 2.3026)'
+  # A run that sits at chance before it learns (its best never 10% below) is
+  # slow, not diverged; one that learned and falls back to chance is.
+  assert seen(watch(), [2.35, 2.31, 2.30, 2.31, 2.29, 2.31, 2.30, 2.32, 1.5, 0.9]) == [None] * 10
+  assert seen(watch(), [2.3, 1.5, 2.0, 2.31, 2.4, 2.303, 2.4]) == [None] * 5 + [chance] * 2
+  # Never three in a row.
+  assert seen(watch(), [2.3, 1.5, 2.31, 2.0, 2.31, 2.4, 1.9, 2.5, 2.6]) == [None] * 9
+  # Above 4 x the best (0.1): 0.41 three times; 0.4 is not above.
+  assert seen(watch(), [1.0, 0.1, 0.41, 0.4, 0.41, 0.5, 0.41]) == (
+      [None] * 6 + ['above 4 x its best'])
+  # Intervals ending within the warm-up (steps <= 100) do not count.
+  assert seen(watch(), [1.0, 2.4, 2.4, 2.4, 2.4], every=40) == [None] * 4 + [chance]
+  assert seen(watch(warmup_steps=0), [1.0, 2.4, 2.4, 2.4], every=40) == [None] * 3 + [chance]
+
+
+def test_divergence_watch_resumes_from_the_logged_losses(tmp_path):
+  """A resumed run's watch replays the train losses logged up to its start:
+  those of the attempt that last logged each step (a killed attempt logged
+  past its checkpoint, and the next one logged those steps again)."""
+  s = train.setup(helpers.tiny_config(**{'divergence.patience': 3}))  # 4 classes, warm-up 4.
+  first = logs.Writer(str(tmp_path))
+  for step, loss in [(10, 1.4), (20, 1.0), (30, 1.39), (40, 1.0)]:
+    first.write_scalars(step, {'train/loss': loss})
+  first.close()
+  time.sleep(1.1)  # Event files are named by the second they were created.
+  second = logs.Writer(str(tmp_path))  # Resumed at 30: logs 40 again, and 50.
+  for step, loss in [(40, 1.5), (50, 1.6)]:
+    second.write_scalars(step, {'train/loss': loss})
+  second.close()
+  w = train.watch_divergence(s, str(tmp_path), start=50)
+  assert (w.best, w.count) == (pytest.approx(1.0), 3)  # 30, 40, 50 at or above ln 4.
+  w = train.watch_divergence(s, str(tmp_path), start=40)
+  assert (w.best, w.count) == (pytest.approx(1.0), 2)
+  assert w.update(60, 1.4) == 'at or above chance (ln 4 = 1.3863)'
+
+
+def test_a_run_that_falls_to_chance_saves_says_so_and_stops(reference, tmp_path, monkeypatch):
+  """From step 20 on every label is shifted by one class: the loss, 1.29 at
+  step 20 (5% under chance, ln 4 = 1.386), is at 30 above chance. With
+  patience 1 and chance_drop 0.05 the run stops there, saved, 10 steps early."""
+  config_path, _ = reference
+  real = input_pipeline.train_batches
+
+  def train_batches(config, *, start_step, **kw):
+    for step, batch in enumerate(real(config, start_step=start_step, **kw), start_step):
+      yield {**batch, 'label': (batch['label'] + 1) % 4} if step >= 20 else batch
+  monkeypatch.setattr(input_pipeline, 'train_batches', train_batches)
+  config = load(config_path, **{'divergence.patience': 1, 'divergence.chance_drop': 0.05})
+  with pytest.raises(train.Diverged) as e:
+    train.train_and_evaluate(config, str(tmp_path))
+  losses = dict(logs.read_scalars(str(tmp_path), 'train/loss'))
+  assert sorted(losses) == [10, 20, 30]
+  assert losses[20] < 0.95 * np.log(4) <= np.log(4) <= losses[30]
+  lr = float(optim.create_optimizer(config, 16, STEPS, None).learning_rate(29))
+  assert str(e.value) == (
+      f'train loss at or above chance (ln 4 = 1.3863) for 1 log intervals: {losses[30]:.4f} at '
+      f'step 30, best logged {losses[20]:.4f}, LR {lr:.4g}; saved a checkpoint at step 30 in '
+      f"{tmp_path}/checkpoints. Lower lr_schedule.base_lr or enable grad_clip; "
+      "on_divergence='ignore' trains on.")
+  assert steps(tmp_path) == [16, 24, 30]
+  assert isinstance(e.value, train.NonFiniteError)  # main.py: exit code 3.
 
 
 def test_skipped_steps_keep_the_applied_lr_and_threshold_on_schedule():

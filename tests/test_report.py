@@ -23,7 +23,6 @@ def _write_run(run_dir, config, scalars, hists=()):
     writer.write_scalars(step, values)
   for step, arrays in hists:
     writer.write_histograms(step, arrays)
-  writer.flush()
   writer.close()
   return run_dir
 
