@@ -1,4 +1,5 @@
 import functools
+import math
 
 import flax
 import jax
@@ -190,8 +191,9 @@ def _reference(variables, x, norm, train):
     return y if norm in ('batch', 'group') else y + q['bias']
 
   def bn(path, y):
-    if norm == 'group':  # Per example, over gcd(16, width 8) = 8 groups of channels.
-      g = y.reshape(*y.shape[:3], 8, -1)
+    if norm == 'group':  # Per example, over gcd(16, width) groups of channels.
+      groups = math.gcd(16, params['stem_conv']['kernel'].shape[-1])
+      g = y.reshape(*y.shape[:3], groups, -1)
       mean, var = g.mean((1, 2, 4), keepdims=True), g.var((1, 2, 4), keepdims=True)
       y = ((g - mean) / jnp.sqrt(var + 1e-5)).reshape(y.shape)
       q = _at(params, path)
@@ -454,7 +456,9 @@ def test_group_norm_keeps_examples_apart():
     return jax.grad(loss)(variables['params'])
   for norm in NORMS:
     alone, together = grads(norm, X[:1]), grads(norm, X)
-    same = all(np.allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Equal to float32 rounding (relative to each array's largest entry);
+    # under BN, off by the order of the entries themselves.
+    same = all(np.abs(a - b).max() <= 1e-5 * np.abs(b).max()
                for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(together)))
     assert same == (norm != 'batch'), norm
   params = _variables('resnet18', 'group')['params']
