@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from bnfree_jax.bench import __main__ as cli
-from bnfree_jax.bench import cpu_flags, suite, train_step
+from bnfree_jax.bench import common, cpu_flags, suite, train_step
 
 KEYS = ('model', 'variant', 'batch_size', 'image_size', 'step_time_ms', 'step_time_ms_min',
         'step_time_ms_max', 'images_per_sec', 'compile_s', 'flops_per_step', 'temp_bytes',
@@ -114,6 +114,8 @@ def test_suite_plan_gives_nf_resnet50_its_own_variant_and_peer():
     (['--suite', 'gpu', '--input', 'imagenet'], 'give one of them'),
     (['--dry-run'], '--suite'),
     (['--input', 'imagenet', '--trace', 'x'], '--suite'),
+    (['--baseline', '.'], '--sweep-cpu-flags only'),
+    (['--sweep-cpu-flags', '--baseline', '/no/such/dir'], 'not a bnfree_jax checkout'),
 ])
 def test_bad_input_exits_2_with_one_line(argv, allowed, capsys):
   assert cli.main(argv) == 2
@@ -144,6 +146,21 @@ def test_sweep_verdicts():
   assert verdicts['noisy'] == 'no clear effect'
   assert verdicts['slow'] == 'hurts'
   assert verdicts['bad flag'].startswith('failed: rc=1')
+
+
+def test_baseline_sweep_runs_the_other_checkouts_code(tmp_path):
+  """The default setting's worker imports bnfree_jax from the baseline
+  checkout, the others from this one."""
+  (tmp_path / 'bnfree_jax' / 'bench').mkdir(parents=True)
+  (tmp_path / 'bnfree_jax' / '__init__.py').write_text('')
+  (tmp_path / 'bnfree_jax' / 'bench' / '__main__.py').write_text('')
+  settings = cpu_flags.against_baseline(str(tmp_path), [('fast', {'XLA_FLAGS': '--x'}, [])])
+  assert [label for label, _, _ in settings] == ['default', 'this checkout', 'fast']
+  where = 'import bnfree_jax; print(bnfree_jax.__file__)'
+  imported = [subprocess.run([*prefix, sys.executable, '-c', where], cwd=common.REPO, text=True,
+                             capture_output=True, check=True).stdout for _, _, prefix in settings]
+  assert imported[0].startswith(str(tmp_path))
+  assert not any(path.startswith(str(tmp_path)) for path in imported[1:])
 
 
 def test_input_pipeline_headroom_from_fixed_numbers():

@@ -28,6 +28,11 @@ backend start), the processes taking turns round by round with a default one:
   python -m bnfree_jax.bench --sweep-cpu-flags --steps 8 \
       [--cpu-flags='--xla_cpu_use_onednn=true;JAX_NUM_CPU_DEVICES=2']
 
+A code change against the code before it, the same way (DIR: a checkout of
+the commit before, e.g. `git archive BASE | tar -x -C DIR`):
+
+  python -m bnfree_jax.bench --sweep-cpu-flags --baseline DIR --steps 8
+
 On a CPU host the step runs on one CPU device per core, as in the trainer
 (runtime.use_cpu_cores); JAX_NUM_CPU_DEVICES=1 measures a single device.
 
@@ -91,6 +96,9 @@ def _parser():
   p.add_argument('--cpu-flags', help="(--sweep-cpu-flags) ';'-separated settings, each XLA "
                  "flags and/or environment variables: --cpu-flags='--xla_a=1;NAME=2 --xla_b=3' "
                  'to try instead of the built-in list')
+  p.add_argument('--baseline', help='(--sweep-cpu-flags) a checkout whose code runs the '
+                 'default setting: this checkout\'s code (and each --cpu-flags setting) is '
+                 'measured against it')
   p.add_argument('--group-size', type=int, default=4,
                  help='(--sweep-cpu-flags) settings whose processes run side by side '
                  '(with a default one); each holds a compiled model in memory')
@@ -151,6 +159,8 @@ def _validate(args):
     raise InputError(f'{" and ".join(modes)} cannot be combined: give one of them')
   if args.dry_run and not args.suite:
     raise InputError('--dry-run applies to --suite only')
+  if args.baseline and not args.sweep_cpu_flags:
+    raise InputError('--baseline applies to --sweep-cpu-flags only')
   if args.trace and (args.input or args.sweep_cpu_flags):
     raise InputError('--trace applies to the train step and --suite, not to '
                      f'{modes[0]}')
@@ -166,6 +176,9 @@ def _validate(args):
   if args.sweep_cpu_flags:
     args.flag_sets = (cpu_flags.parse_flag_sets(args.cpu_flags) if args.cpu_flags
                       else cpu_flags.CPU_FLAG_SETS)
+    if args.baseline:
+      args.flag_sets = cpu_flags.against_baseline(
+          args.baseline, args.flag_sets[1:] if args.cpu_flags else ())
   default_variants = 'batch,weight' if args.sweep_cpu_flags else ','.join(train_step.VARIANTS)
   args.variants = train_step.parse_variants(
       common.split(args.variants or default_variants), args.memory_options, args.remat,

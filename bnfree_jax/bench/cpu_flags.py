@@ -177,6 +177,17 @@ def sweep_table(rows, threshold=0.03):
   return '\n'.join(lines) + '\n'
 
 
+def against_baseline(checkout, flag_sets):
+  """The default setting run by the code of another checkout, then this
+  checkout's code with no setting, then flag_sets."""
+  if not os.path.isfile(os.path.join(checkout, 'bnfree_jax', 'bench', '__main__.py')):
+    raise InputError(f'--baseline {checkout!r} is not a bnfree_jax checkout (it has no '
+                     'bnfree_jax/bench/__main__.py)')
+  # `python -m bnfree_jax.bench` imports the package from its working directory.
+  return (('default', {}, ['env', '-C', os.path.abspath(checkout)]),
+          ('this checkout', {}, []), *flag_sets)
+
+
 def parse_flag_sets(text):
   """--cpu-flags='--xla_a=1;NAME=2 --xla_b=3' -> the default setting and one
   per ';'-separated item."""
