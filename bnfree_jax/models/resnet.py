@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnfree_jax.models.layers import HE_INIT, Dropout, GroupedBatchNorm, WNConv
+from bnfree_jax.models.layers import HE_INIT, Dropout, GroupedBatchNorm, WNConv, max_pool
 
 # A flax layer constructor: functools.partial of a module class, called with name=.
 ModuleDef = Any
@@ -145,7 +145,7 @@ class ResNet(nn.Module):
     x = square_conv(conv, self.width, kernel, strides, 'stem_conv')(x)
     x = nn.relu(x if norm is None else norm(name='stem_norm')(x))
     if self.stem == 'imagenet':
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+      x = max_pool(x, (3, 3), (2, 2), _pad(3))
 
     # self counts as argument 0, so `train` is 2; the name keeps the param tree
     # identical with and without remat.
