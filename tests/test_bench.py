@@ -111,6 +111,8 @@ def test_suite_plan_gives_nf_resnet50_its_own_variant_and_peer():
     (['--suite', 'gpu', '--peer-modes', 'eager,jit'], 'eager, compile'),
     (['--suite', 'gpu', '--peer-python', '/no/such/python'], '--peer none'),
     (['--suite', 'gpu', '--width', '8'], '--peer none'),
+    (['--suite', 'gpu', '--stem', 'small'], '--peer none'),
+    (['--stem', 'cifar'], 'imagenet, small'),
     (['--suite', 'gpu', '--input', 'imagenet'], 'give one of them'),
     (['--dry-run'], '--suite'),
     (['--input', 'imagenet', '--trace', 'x'], '--suite'),

@@ -50,7 +50,7 @@ import sys
 
 import jax
 
-from bnfree_jax import runtime
+from bnfree_jax import models, runtime
 from bnfree_jax.bench import common, cpu_flags, suite, train_step
 from bnfree_jax.workdir import EXIT_BAD_INPUT, InputError
 
@@ -79,6 +79,9 @@ def _parser():
                  'resnet18, 256 and 128 for resnet50')
   p.add_argument('--image-size', type=int, default=None, help='224')
   p.add_argument('--width', type=int, default=64, help='channels of the first stage')
+  p.add_argument('--stem', default='imagenet',
+                 help=f'{" | ".join(models.resnet.STEMS)} (small: 3x3 stride 1, no max pool: '
+                 'the Fashion-MNIST twin\'s)')
   p.add_argument('--steps', type=int, default=None,
                  help='timed steps per variant (10; the suite: 20)')
   p.add_argument('--warmup', type=int, default=None,
@@ -159,6 +162,7 @@ def _validate(args):
     raise InputError(f'{" and ".join(modes)} cannot be combined: give one of them')
   if args.dry_run and not args.suite:
     raise InputError('--dry-run applies to --suite only')
+  _one_of('--stem', args.stem, models.resnet.STEMS)
   if args.baseline and not args.sweep_cpu_flags:
     raise InputError('--baseline applies to --sweep-cpu-flags only')
   if args.trace and (args.input or args.sweep_cpu_flags):
@@ -203,8 +207,9 @@ def _validate_suite(args):
   args.peer_modes = [] if args.peer == 'none' else common.split(args.peer_modes)
   for mode in args.peer_modes:
     _one_of('--peer-modes', mode, PEER_MODES)
-  if args.peer_modes and args.width != 64:
-    raise InputError(f'--width {args.width}: the PyTorch peer has torchvision\'s width, 64; '
+  if args.peer_modes and (args.width != 64 or args.stem != 'imagenet'):
+    raise InputError(f'--width {args.width} --stem {args.stem}: the suite\'s PyTorch peer has '
+                     'torchvision\'s width, 64, and stem; '
                      'give --peer none to measure another')
   if args.peer != 'none' and not os.access(args.peer_python, os.X_OK):
     raise InputError(f'--peer-python {args.peer_python!r} is not an executable file; '
@@ -267,7 +272,7 @@ def main(argv=None) -> int:
     return 0
 
   runs = [train_step.Run(model, variant, train_step.variant_config(
-      model, variant, args.batch_size, args.image_size, args.width))
+      model, variant, args.batch_size, args.image_size, args.width, args.stem))
           for model, variant in train_step.rows(args.models, args.variants)]
   # A --lockstep worker of the CPU flag sweep waits for its turn at each phase.
   gate = cpu_flags.lockstep_gate if args.lockstep else (lambda: None)

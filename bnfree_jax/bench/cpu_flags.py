@@ -52,7 +52,8 @@ class _Worker:
            '--models', ','.join(args.models), '--variants', ','.join(args.variants),
            '--batch-size', str(args.batch_size), '--image-size', str(args.image_size),
            '--width', str(args.width), '--steps', str(args.steps), '--warmup', str(args.warmup),
-           '--json', self.json]
+           # Only when asked for: a --baseline checkout may predate --stem.
+           *(['--stem', args.stem] if args.stem != 'imagenet' else []), '--json', self.json]
     self.proc = subprocess.Popen(cmd, env=full_env, cwd=common.REPO, text=True,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
 

@@ -130,7 +130,7 @@ def rows(model_names, variants):
   return pairs
 
 
-def variant_config(model, variant, batch_size, image_size, width):
+def variant_config(model, variant, batch_size, image_size, width, stem='imagenet'):
   """The trainer's config for one table row, on in-memory synthetic data."""
   base, *options = variant.split('+')
   spec = VARIANTS[base]
@@ -142,7 +142,7 @@ def variant_config(model, variant, batch_size, image_size, width):
                      num_train=max(1024, batch_size), num_eval=batch_size)
   c.batch_size = batch_size
   c.num_train_steps = 10_000  # Only shapes the schedules.
-  c.model.update(name=model, norm=spec['norm'], width=width, stem='imagenet',
+  c.model.update(name=model, norm=spec['norm'], width=width, stem=stem,
                  dropout_rate=spec.get('dropout_rate', 0.0))
   c.lr_schedule.base_lr = spec['base_lr']
   if spec.get('clip'):  # The paper's adaptive clipping, as in resnet18_wn.py.
