@@ -16,7 +16,7 @@ from bnfree_jax.bench import common, cpu_flags, suite, train_step
 KEYS = ('model', 'variant', 'batch_size', 'image_size', 'step_time_ms', 'step_time_ms_min',
         'step_time_ms_max', 'images_per_sec', 'compile_s', 'flops_per_step', 'temp_bytes',
         'argument_bytes', 'output_bytes', 'peak_bytes', 'device', 'jax_version', 'xla_flags',
-        'load_avg_start', 'ratio_to_batch', 'compute_dtype', 'framework', 'mfu')
+        'load_avg_start', 'ratio_to_batch', 'compute_dtype', 'framework', 'mfu', 'step_cpu_ms')
 
 
 def _images_per_sec_agree(r):
@@ -39,7 +39,9 @@ def test_tiny_train_step_bench(tmp_path, capsys):
                 'temp_bytes', 'argument_bytes'):
       assert r[key] > 0, key
     assert r['step_time_ms_min'] <= r['step_time_ms'] <= r['step_time_ms_max']
-    assert len(r['step_times_ms']) == 3 and r['all_finite']
+    assert len(r['step_times_ms']) == len(r['step_cpu_times_ms']) == 3 and r['all_finite']
+    assert r['step_cpu_ms'] == pytest.approx(statistics.median(r['step_cpu_times_ms']))
+    assert r['step_cpu_ms'] > 0
     _images_per_sec_agree(r)
     assert r['mfu'] is None  # No known peak for a CPU.
   # The ratio is the median of per-round ratios, each round's two steps side by side.
@@ -53,7 +55,8 @@ def test_tiny_train_step_bench(tmp_path, capsys):
   assert md.read_text().strip() == table.strip()
   rows = [line for line in table.splitlines() if line.startswith('| resnet18 |')]
   assert [row.split(' | ')[1] for row in rows] == ['batch', 'weight']
-  assert rows[1].split(' | ')[4].startswith(f"{records[1]['ratio_to_batch']:.2f} (")
+  assert rows[1].split(' | ')[5].startswith(f"{records[1]['ratio_to_batch']:.2f} (")
+  assert rows[1].split(' | ')[3] == f"{records[1]['step_cpu_ms']:.0f}"
 
 
 def test_variant_expansion():

@@ -177,15 +177,16 @@ def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps
   if device.type == 'cuda':
     activities.append(torch.profiler.ProfilerActivity.CUDA)
   profiler = torch.profiler.profile(activities=activities)
-  times = []
+  times, cpu_times = [], []
   for i in range(warmup + steps):
     if trace_dir and i == warmup:  # The timed steps only.
       profiler.start()
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss = step()
     _sync(device)
     times.append(time.perf_counter() - t0)
+    cpu_times.append(time.process_time() - c0)
     if i == 0:
       _progress(f'{model_name} {norm} {mode} {compute_dtype}: first step {times[0]:.1f} s')
   if trace_dir:
@@ -206,6 +207,9 @@ def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps
       steps=len(timed), warmup=warmup, step_time_ms=1e3 * median,
       step_time_ms_min=1e3 * min(timed), step_time_ms_max=1e3 * max(timed),
       step_times_ms=[1e3 * t for t in timed], images_per_sec=batch_size / median,
+      # As bnfree_jax.bench.common.cpu_record.
+      step_cpu_ms=1e3 * statistics.median(cpu_times[warmup:]),
+      step_cpu_times_ms=[1e3 * t for t in cpu_times[warmup:]],
       # The first step holds torch.compile's work (and cuDNN's autotuning).
       compile_s=times[0],
       peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None,
