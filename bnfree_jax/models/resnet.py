@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnfree_jax.models.layers import HE_INIT, Dropout, GroupedBatchNorm, WNConv, max_pool
+from bnfree_jax.models.layers import HE_INIT, Conv, Dropout, GroupedBatchNorm, WNConv, max_pool
 
 # A flax layer constructor: functools.partial of a module class, called with name=.
 ModuleDef = Any
@@ -24,7 +24,7 @@ LAYERS = {
     # 0.1 weighs the new batch; flax's weighs the running mean. bn_groups > 1:
     # statistics per device (DDP's), else over the global batch (synchronized BN).
     'batch': lambda dtype, train, bn_groups: (
-        functools.partial(nn.Conv, use_bias=False, kernel_init=HE_INIT, dtype=dtype),
+        functools.partial(Conv, use_bias=False, kernel_init=HE_INIT, dtype=dtype),
         functools.partial(GroupedBatchNorm, num_groups=bn_groups, use_running_average=not train,
                           momentum=0.9, epsilon=1e-5, dtype=dtype) if bn_groups > 1 else
         functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
@@ -32,7 +32,7 @@ LAYERS = {
     'weight': lambda dtype, train, bn_groups: (
         functools.partial(WNConv, kernel_init=HE_INIT, dtype=dtype), None),
     'none': lambda dtype, train, bn_groups: (
-        functools.partial(nn.Conv, use_bias=True, kernel_init=HE_INIT, dtype=dtype), None),
+        functools.partial(Conv, use_bias=True, kernel_init=HE_INIT, dtype=dtype), None),
 }
 NORMS = tuple(LAYERS)
 STEMS = ('imagenet', 'small')
