@@ -11,12 +11,12 @@ import sys
 import pytest
 
 from bnfree_jax.bench import __main__ as cli
-from bnfree_jax.bench import cpu_flags, suite, train_step
+from bnfree_jax.bench import common, cpu_flags, suite, train_step
 
 KEYS = ('model', 'variant', 'batch_size', 'image_size', 'step_time_ms', 'step_time_ms_min',
         'step_time_ms_max', 'images_per_sec', 'compile_s', 'flops_per_step', 'temp_bytes',
         'argument_bytes', 'output_bytes', 'peak_bytes', 'device', 'jax_version', 'xla_flags',
-        'load_avg_start', 'ratio_to_batch', 'compute_dtype', 'framework', 'mfu')
+        'load_avg_start', 'ratio_to_batch', 'compute_dtype', 'framework', 'mfu', 'step_cpu_ms')
 
 
 def _images_per_sec_agree(r):
@@ -39,7 +39,9 @@ def test_tiny_train_step_bench(tmp_path, capsys):
                 'temp_bytes', 'argument_bytes'):
       assert r[key] > 0, key
     assert r['step_time_ms_min'] <= r['step_time_ms'] <= r['step_time_ms_max']
-    assert len(r['step_times_ms']) == 3 and r['all_finite']
+    assert len(r['step_times_ms']) == len(r['step_cpu_times_ms']) == 3 and r['all_finite']
+    assert r['step_cpu_ms'] == pytest.approx(statistics.median(r['step_cpu_times_ms']))
+    assert r['step_cpu_ms'] > 0
     _images_per_sec_agree(r)
     assert r['mfu'] is None  # No known peak for a CPU.
   # The ratio is the median of per-round ratios, each round's two steps side by side.
@@ -53,7 +55,8 @@ def test_tiny_train_step_bench(tmp_path, capsys):
   assert md.read_text().strip() == table.strip()
   rows = [line for line in table.splitlines() if line.startswith('| resnet18 |')]
   assert [row.split(' | ')[1] for row in rows] == ['batch', 'weight']
-  assert rows[1].split(' | ')[4].startswith(f"{records[1]['ratio_to_batch']:.2f} (")
+  assert rows[1].split(' | ')[5].startswith(f"{records[1]['ratio_to_batch']:.2f} (")
+  assert rows[1].split(' | ')[3] == f"{records[1]['step_cpu_ms']:.0f}"
 
 
 def test_variant_expansion():
@@ -111,9 +114,13 @@ def test_suite_plan_gives_nf_resnet50_its_own_variant_and_peer():
     (['--suite', 'gpu', '--peer-modes', 'eager,jit'], 'eager, compile'),
     (['--suite', 'gpu', '--peer-python', '/no/such/python'], '--peer none'),
     (['--suite', 'gpu', '--width', '8'], '--peer none'),
+    (['--suite', 'gpu', '--stem', 'small'], '--peer none'),
+    (['--stem', 'cifar'], 'imagenet, small'),
     (['--suite', 'gpu', '--input', 'imagenet'], 'give one of them'),
     (['--dry-run'], '--suite'),
     (['--input', 'imagenet', '--trace', 'x'], '--suite'),
+    (['--baseline', '.'], '--sweep-cpu-flags only'),
+    (['--sweep-cpu-flags', '--baseline', '/no/such/dir'], 'not a bnfree_jax checkout'),
 ])
 def test_bad_input_exits_2_with_one_line(argv, allowed, capsys):
   assert cli.main(argv) == 2
@@ -144,6 +151,21 @@ def test_sweep_verdicts():
   assert verdicts['noisy'] == 'no clear effect'
   assert verdicts['slow'] == 'hurts'
   assert verdicts['bad flag'].startswith('failed: rc=1')
+
+
+def test_baseline_sweep_runs_the_other_checkouts_code(tmp_path):
+  """The default setting's worker imports bnfree_jax from the baseline
+  checkout, the others from this one."""
+  (tmp_path / 'bnfree_jax' / 'bench').mkdir(parents=True)
+  (tmp_path / 'bnfree_jax' / '__init__.py').write_text('')
+  (tmp_path / 'bnfree_jax' / 'bench' / '__main__.py').write_text('')
+  settings = cpu_flags.against_baseline(str(tmp_path), [('fast', {'XLA_FLAGS': '--x'}, [])])
+  assert [label for label, _, _ in settings] == ['default', 'this checkout', 'fast']
+  where = 'import bnfree_jax; print(bnfree_jax.__file__)'
+  imported = [subprocess.run([*prefix, sys.executable, '-c', where], cwd=common.REPO, text=True,
+                             capture_output=True, check=True).stdout for _, _, prefix in settings]
+  assert imported[0].startswith(str(tmp_path))
+  assert not any(path.startswith(str(tmp_path)) for path in imported[1:])
 
 
 def test_input_pipeline_headroom_from_fixed_numbers():

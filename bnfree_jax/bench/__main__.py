@@ -28,6 +28,11 @@ backend start), the processes taking turns round by round with a default one:
   python -m bnfree_jax.bench --sweep-cpu-flags --steps 8 \
       [--cpu-flags='--xla_cpu_use_onednn=true;JAX_NUM_CPU_DEVICES=2']
 
+A code change against the code before it, the same way (DIR: a checkout of
+the commit before, e.g. `git archive BASE | tar -x -C DIR`):
+
+  python -m bnfree_jax.bench --sweep-cpu-flags --baseline DIR --steps 8
+
 On a CPU host the step runs on one CPU device per core, as in the trainer
 (runtime.use_cpu_cores); JAX_NUM_CPU_DEVICES=1 measures a single device.
 
@@ -45,7 +50,7 @@ import sys
 
 import jax
 
-from bnfree_jax import runtime
+from bnfree_jax import models, runtime
 from bnfree_jax.bench import common, cpu_flags, suite, train_step
 from bnfree_jax.workdir import EXIT_BAD_INPUT, InputError
 
@@ -74,6 +79,9 @@ def _parser():
                  'resnet18, 256 and 128 for resnet50')
   p.add_argument('--image-size', type=int, default=None, help='224')
   p.add_argument('--width', type=int, default=64, help='channels of the first stage')
+  p.add_argument('--stem', default='imagenet',
+                 help=f'{" | ".join(models.resnet.STEMS)} (small: 3x3 stride 1, no max pool: '
+                 'the Fashion-MNIST twin\'s)')
   p.add_argument('--steps', type=int, default=None,
                  help='timed steps per variant (10; the suite: 20)')
   p.add_argument('--warmup', type=int, default=None,
@@ -91,6 +99,9 @@ def _parser():
   p.add_argument('--cpu-flags', help="(--sweep-cpu-flags) ';'-separated settings, each XLA "
                  "flags and/or environment variables: --cpu-flags='--xla_a=1;NAME=2 --xla_b=3' "
                  'to try instead of the built-in list')
+  p.add_argument('--baseline', help='(--sweep-cpu-flags) a checkout whose code runs the '
+                 'default setting: this checkout\'s code (and each --cpu-flags setting) is '
+                 'measured against it')
   p.add_argument('--group-size', type=int, default=4,
                  help='(--sweep-cpu-flags) settings whose processes run side by side '
                  '(with a default one); each holds a compiled model in memory')
@@ -151,6 +162,9 @@ def _validate(args):
     raise InputError(f'{" and ".join(modes)} cannot be combined: give one of them')
   if args.dry_run and not args.suite:
     raise InputError('--dry-run applies to --suite only')
+  _one_of('--stem', args.stem, models.resnet.STEMS)
+  if args.baseline and not args.sweep_cpu_flags:
+    raise InputError('--baseline applies to --sweep-cpu-flags only')
   if args.trace and (args.input or args.sweep_cpu_flags):
     raise InputError('--trace applies to the train step and --suite, not to '
                      f'{modes[0]}')
@@ -166,6 +180,9 @@ def _validate(args):
   if args.sweep_cpu_flags:
     args.flag_sets = (cpu_flags.parse_flag_sets(args.cpu_flags) if args.cpu_flags
                       else cpu_flags.CPU_FLAG_SETS)
+    if args.baseline:
+      args.flag_sets = cpu_flags.against_baseline(
+          args.baseline, args.flag_sets[1:] if args.cpu_flags else ())
   default_variants = 'batch,weight' if args.sweep_cpu_flags else ','.join(train_step.VARIANTS)
   args.variants = train_step.parse_variants(
       common.split(args.variants or default_variants), args.memory_options, args.remat,
@@ -190,8 +207,9 @@ def _validate_suite(args):
   args.peer_modes = [] if args.peer == 'none' else common.split(args.peer_modes)
   for mode in args.peer_modes:
     _one_of('--peer-modes', mode, PEER_MODES)
-  if args.peer_modes and args.width != 64:
-    raise InputError(f'--width {args.width}: the PyTorch peer has torchvision\'s width, 64; '
+  if args.peer_modes and (args.width != 64 or args.stem != 'imagenet'):
+    raise InputError(f'--width {args.width} --stem {args.stem}: the suite\'s PyTorch peer has '
+                     'torchvision\'s width, 64, and stem; '
                      'give --peer none to measure another')
   if args.peer != 'none' and not os.access(args.peer_python, os.X_OK):
     raise InputError(f'--peer-python {args.peer_python!r} is not an executable file; '
@@ -254,7 +272,7 @@ def main(argv=None) -> int:
     return 0
 
   runs = [train_step.Run(model, variant, train_step.variant_config(
-      model, variant, args.batch_size, args.image_size, args.width))
+      model, variant, args.batch_size, args.image_size, args.width, args.stem))
           for model, variant in train_step.rows(args.models, args.variants)]
   # A --lockstep worker of the CPU flag sweep waits for its turn at each phase.
   gate = cpu_flags.lockstep_gate if args.lockstep else (lambda: None)

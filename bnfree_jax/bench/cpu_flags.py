@@ -52,7 +52,8 @@ class _Worker:
            '--models', ','.join(args.models), '--variants', ','.join(args.variants),
            '--batch-size', str(args.batch_size), '--image-size', str(args.image_size),
            '--width', str(args.width), '--steps', str(args.steps), '--warmup', str(args.warmup),
-           '--json', self.json]
+           # Only when asked for: a --baseline checkout may predate --stem.
+           *(['--stem', args.stem] if args.stem != 'imagenet' else []), '--json', self.json]
     self.proc = subprocess.Popen(cmd, env=full_env, cwd=common.REPO, text=True,
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
 
@@ -175,6 +176,17 @@ def sweep_table(rows, threshold=0.03):
                  f"{r0['load_avg_start']:.1f}–{r0['load_avg_end']:.1f} | "
                  f"{common.cores(row['other_cpu_cores'])} | {verdict} |")
   return '\n'.join(lines) + '\n'
+
+
+def against_baseline(checkout, flag_sets):
+  """The default setting run by the code of another checkout, then this
+  checkout's code with no setting, then flag_sets."""
+  if not os.path.isfile(os.path.join(checkout, 'bnfree_jax', 'bench', '__main__.py')):
+    raise InputError(f'--baseline {checkout!r} is not a bnfree_jax checkout (it has no '
+                     'bnfree_jax/bench/__main__.py)')
+  # `python -m bnfree_jax.bench` imports the package from its working directory.
+  return (('default', {}, ['env', '-C', os.path.abspath(checkout)]),
+          ('this checkout', {}, []), *flag_sets)
 
 
 def parse_flag_sets(text):

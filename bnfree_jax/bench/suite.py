@@ -91,7 +91,7 @@ def plan(args):
         f'bnfree_jax {name}', 'train_step',
         [sys.executable, '-m', 'bnfree_jax.bench', '--suite-worker', '--models', model,
          '--variants', ','.join(variants), '--batch-size', str(batch),
-         '--image-size', str(args.image_size), '--width', str(args.width),
+         '--image-size', str(args.image_size), '--width', str(args.width), '--stem', args.stem,
          '--steps', str(args.steps), '--warmup', str(args.warmup), *trace],
         [dict(framework='bnfree_jax', model=model, variant=v, batch_size=batch,
               compute_dtype=dtype) for v in variants], env))
@@ -320,7 +320,7 @@ def worker(args):
   its variants, printing each record as a JSON line."""
   runtime.use_cpu_cores(args.batch_size)
   runs = [train_step.Run(model, variant, train_step.variant_config(
-      model, variant, args.batch_size, args.image_size, args.width))
+      model, variant, args.batch_size, args.image_size, args.width, args.stem))
           for model, variant in train_step.rows(args.models, args.variants)]
   for record in train_step.measure_rows(runs, args.steps, args.warmup, args.deadline,
                                         args.trace):

@@ -67,17 +67,39 @@ def fits(model, norm):
   return (norm == 'nf_agc') == model.startswith('nf_')
 
 
-def build(model, norm):
+def _narrow(net, width):
+  """net with `width` channels in its first stage (torchvision's: 64), the
+  later stages doubling as theirs do; the rebuilt layers have PyTorch's
+  default init, which changes no step time."""
+  block, norm_layer = type(net.layer1[0]), net._norm_layer
+  net.inplanes = width
+  net.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+  net.bn1 = norm_layer(width)
+  for i in range(4):
+    layer = getattr(net, f'layer{i + 1}')
+    setattr(net, f'layer{i + 1}', net._make_layer(block, width * 2**i, len(layer),
+                                                 stride=1 if i == 0 else 2))
+  net.fc = nn.Linear(width * 8 * block.expansion, net.fc.out_features)
+  return net
+
+
+def build(model, norm, width=64, stem='imagenet'):
   """torchvision's model with BN, or without BN and with weight-normalized
-  convs; timm's NF-ResNet."""
+  convs, optionally narrower and with bnfree_jax's small stem (a 3x3 stride-1
+  conv, no max pool); timm's NF-ResNet."""
   if norm == 'nf_agc':
     import timm  # Only here: the other rows need no timm.
     return timm.create_model(model, num_classes=1000)
-  if norm == 'batch':
-    return getattr(torchvision.models, model)(num_classes=1000)
   # nn.Identity takes (and ignores) the channel count torchvision passes.
-  net = getattr(torchvision.models, model)(num_classes=1000, norm_layer=nn.Identity)
-  _weight_norm_convs(net)
+  norm_layer = nn.BatchNorm2d if norm == 'batch' else nn.Identity
+  net = getattr(torchvision.models, model)(num_classes=1000, norm_layer=norm_layer)
+  if width != 64:
+    net = _narrow(net, width)
+  if stem == 'small':
+    net.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
+    net.maxpool = nn.Identity()
+  if norm != 'batch':
+    _weight_norm_convs(net)
   return net
 
 
@@ -121,10 +143,10 @@ def _sync(device):
 
 
 def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps, warmup,
-            device, trace_dir=None):
+            device, trace_dir=None, width=64, stem='imagenet'):
   """One row: median step time of `steps` timed steps after `warmup` ones."""
   torch.manual_seed(0)
-  model = build(model_name, norm).to(device, memory_format=torch.channels_last)
+  model = build(model_name, norm, width, stem).to(device, memory_format=torch.channels_last)
   model.train()
   optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR[norm], momentum=0.9,
                               weight_decay=1e-4)
@@ -155,15 +177,16 @@ def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps
   if device.type == 'cuda':
     activities.append(torch.profiler.ProfilerActivity.CUDA)
   profiler = torch.profiler.profile(activities=activities)
-  times = []
+  times, cpu_times = [], []
   for i in range(warmup + steps):
     if trace_dir and i == warmup:  # The timed steps only.
       profiler.start()
     _sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     loss = step()
     _sync(device)
     times.append(time.perf_counter() - t0)
+    cpu_times.append(time.process_time() - c0)
     if i == 0:
       _progress(f'{model_name} {norm} {mode} {compute_dtype}: first step {times[0]:.1f} s')
   if trace_dir:
@@ -179,10 +202,14 @@ def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps
   record = dict(
       framework='torch', mode=mode, model=model_name,
       variant=norm + ('+bf16' if amp else ''), norm=norm, compute_dtype=compute_dtype,
-      amp=amp, channels_last=True, batch_size=batch_size, image_size=image_size,
+      amp=amp, channels_last=True, batch_size=batch_size, image_size=image_size, width=width,
+      stem=stem,
       steps=len(timed), warmup=warmup, step_time_ms=1e3 * median,
       step_time_ms_min=1e3 * min(timed), step_time_ms_max=1e3 * max(timed),
       step_times_ms=[1e3 * t for t in timed], images_per_sec=batch_size / median,
+      # As bnfree_jax.bench.common.cpu_record.
+      step_cpu_ms=1e3 * statistics.median(cpu_times[warmup:]),
+      step_cpu_times_ms=[1e3 * t for t in cpu_times[warmup:]],
       # The first step holds torch.compile's work (and cuDNN's autotuning).
       compile_s=times[0],
       peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None,
@@ -211,16 +238,19 @@ def _rows(args):
   """(model, norm, mode) of every row asked for, eager ones first; raises BadInput."""
   _split(args.compute_dtype, COMPUTE_DTYPES, '--compute-dtype')
   _split(args.device, ('cuda', 'cpu'), '--device')
+  _split(args.stem, ('imagenet', 'small'), '--stem')
   if args.device == 'cuda' and not torch.cuda.is_available():
     raise BadInput('--device cuda: torch sees no CUDA device; allowed here: cpu')
   for name, value, minimum in (('--batch-size', args.batch_size, 1),
-                               ('--image-size', args.image_size, 1),
+                               ('--image-size', args.image_size, 1), ('--width', args.width, 1),
                                ('--steps', args.steps, 1), ('--warmup', args.warmup, 0)):
     if value < minimum:
       raise BadInput(f'{name}={value} must be >= {minimum}')
   rows = [(model, norm, mode) for mode in _split(args.modes, MODES, '--modes')
           for model in _split(args.models, MODELS, '--models')
           for norm in _split(args.norms, NORMS, '--norms') if fits(model, norm)]
+  if (args.width, args.stem) != (64, 'imagenet') and any(n == 'nf_agc' for _, n, _ in rows):
+    raise BadInput('--width and --stem apply to the torchvision models, not to timm\'s nf_*')
   if not rows:
     raise BadInput(f'no --norms {args.norms} fits --models {args.models}: nf_agc goes '
                    'with the nf_* models only, batch and weight with the others')
@@ -236,6 +266,8 @@ def main(argv=None):
   p.add_argument('--compute-dtype', default='bfloat16', help=' | '.join(COMPUTE_DTYPES))
   p.add_argument('--batch-size', type=int, default=256)
   p.add_argument('--image-size', type=int, default=224)
+  p.add_argument('--width', type=int, default=64, help='channels of the first stage')
+  p.add_argument('--stem', default='imagenet', help='imagenet | small (3x3 stride 1, no max pool)')
   p.add_argument('--steps', type=int, default=20)
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',
@@ -270,8 +302,8 @@ def main(argv=None):
       continue
     _progress(f'{model} {norm} {mode} {args.compute_dtype} batch {args.batch_size}')
     print(json.dumps(measure(model, norm, mode, args.compute_dtype, args.batch_size,
-                             args.image_size, args.steps, args.warmup, device, args.trace)),
-          flush=True)
+                             args.image_size, args.steps, args.warmup, device, args.trace,
+                             args.width, args.stem)), flush=True)
     # The row's model and optimizer are gone with measure(); its compiled
     # graphs and cached blocks go here, before the next row.
     torch._dynamo.reset()

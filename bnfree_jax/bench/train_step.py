@@ -130,7 +130,7 @@ def rows(model_names, variants):
   return pairs
 
 
-def variant_config(model, variant, batch_size, image_size, width):
+def variant_config(model, variant, batch_size, image_size, width, stem='imagenet'):
   """The trainer's config for one table row, on in-memory synthetic data."""
   base, *options = variant.split('+')
   spec = VARIANTS[base]
@@ -142,7 +142,7 @@ def variant_config(model, variant, batch_size, image_size, width):
                      num_train=max(1024, batch_size), num_eval=batch_size)
   c.batch_size = batch_size
   c.num_train_steps = 10_000  # Only shapes the schedules.
-  c.model.update(name=model, norm=spec['norm'], width=width, stem='imagenet',
+  c.model.update(name=model, norm=spec['norm'], width=width, stem=stem,
                  dropout_rate=spec.get('dropout_rate', 0.0))
   c.lr_schedule.base_lr = spec['base_lr']
   if spec.get('clip'):  # The paper's adaptive clipping, as in resnet18_wn.py.
@@ -170,6 +170,7 @@ class Run:
   batch: object = None
   record: dict = dataclasses.field(default_factory=dict)
   times: list = dataclasses.field(default_factory=list)
+  cpu_times: list = dataclasses.field(default_factory=list)
   finite: bool = True
 
 
@@ -239,11 +240,13 @@ def _device_peak():
 
 
 def _step(run):
-  t0 = time.perf_counter()
+  """Wall seconds of one step; its CPU seconds go to run.cpu_times."""
+  t0, c0 = time.perf_counter(), time.process_time()
   # The state is donated: its buffers become the new state's, so feed it back.
   run.state, finite = run.compiled(run.state, run.batch)
   jax.block_until_ready(run.state)
   run.finite &= bool(finite)
+  run.cpu_times.append(time.process_time() - c0)
   return time.perf_counter() - t0
 
 
@@ -271,6 +274,7 @@ def _finish(run, warmup, load_start, load_end, other_cores, machine):
       dataset=c.dataset, steps=len(timed), warmup=warmup,
       step_time_ms=1e3 * median, step_time_ms_min=1e3 * min(timed),
       step_time_ms_max=1e3 * max(timed), step_times_ms=[1e3 * t for t in timed],
+      **common.cpu_record(run.cpu_times[warmup:]),
       images_per_sec=c.batch_size / median,
       flops_per_sec=flops / median if flops else None, peak_name=peak_name,
       peak_tflops=peak_tflops, mfu=mfu(flops, median, peak_tflops, run.record['num_devices']),
@@ -407,10 +411,10 @@ def markdown_table(records):
       f"{first['cpu_count']} CPUs (the bench included); other processes kept "
       f"{common.cores(first['other_cpu_cores'])} cores busy while the steps ran. "
       "× batch: against the model's batch-norm row (for nf_resnetN: resnetN's).", '',
-      '| model | variant | step ms median [min–max] | img/s | × batch: median (quartiles) of '
+      '| model | variant | step ms median [min–max] | CPU ms | img/s | × batch: median (quartiles) of '
       'per-round ratios | compile s | GFLOPs/step | GFLOP/s | temp MB/device '
       '| argument MB/device | peak MB |',
-      '|---|---|---|---|---|---|---|---|---|---|---|']
+      '|---|---|---|---|---|---|---|---|---|---|---|---|']
   for r in records:
     ratio = '—'
     if r['ratio_to_batch'] is not None:
@@ -421,7 +425,7 @@ def markdown_table(records):
     finite = '' if r['all_finite'] else ' (non-finite loss)'
     lines.append(
         f"| {r['model']} | {r['variant']}{finite} | {r['step_time_ms']:.0f} "
-        f"[{r['step_time_ms_min']:.0f}–{r['step_time_ms_max']:.0f}] | "
+        f"[{r['step_time_ms_min']:.0f}–{r['step_time_ms_max']:.0f}] | {r['step_cpu_ms']:.0f} | "
         f"{r['images_per_sec']:.1f} | {ratio} | {r['compile_s']:.1f} | {gflops} | {rate} | "
         f"{common.mb(r.get('temp_bytes'))} | {common.mb(r.get('argument_bytes'))} | "
         f"{common.mb(r.get('peak_bytes'))} |")

@@ -1,7 +1,9 @@
 """Weight-normalized (Salimans & Kingma 2016) and scaled weight-standardized
 (Brock et al. 2021) convolutions, the former's data-dependent init, a cheaper
-dropout, stochastic depth, and batch norm with per-device statistics."""
+dropout, stochastic depth, batch norm with per-device statistics, and a
+convolution and a max pool whose gradients are cheap on CPU."""
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -18,17 +20,36 @@ HE_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 _DDI_EPS = 1e-6
 
 
-def _channel_norm(v: jax.Array) -> jax.Array:
-  """||v|| per output channel of an HWIO kernel."""
-  return jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1, 2)))
+def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+         padding: str | Sequence[tuple[int, int]]) -> jax.Array:
+  """lax.conv_general_dilated of NHWC x and an HWIO kernel.
 
-
-class WNConv(nn.Module):
-  """2-D convolution whose kernel is g * v / ||v||, the norm per output channel.
-
-  g starts at ||v||, as in PyTorch's weight_norm, so the initial kernel is v
-  itself (flax's nn.WeightNorm would start every filter at unit norm instead).
+  On CPU a 1x1 convolution without padding is a strided slice and a dot:
+  XLA:CPU computes a convolution's filter gradient after transposing both
+  activations, and for 1x1 kernels that made it 2-9x slower than the dot's
+  (results/bench/cpu_gap.md); forward and input gradient are no slower.
   """
+  strides = tuple(strides)
+  unpadded = isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding)
+  if jax.default_backend() == 'cpu' and kernel.shape[:2] == (1, 1) and unpadded:
+    # Without padding a 1x1 window sees the pixels s * o: 'SAME' pads none either.
+    x = x[:, ::strides[0], ::strides[1]]
+    return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+  return lax.conv_general_dilated(x, kernel, strides, padding,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _conv_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, strides: Sequence[int],
+               padding: str | Sequence[tuple[int, int]], dtype: Any) -> jax.Array:
+  """conv() plus bias (None: none), in dtype as flax's nn.Conv computes."""
+  x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+  y = conv(x, kernel, strides, padding)
+  return y if bias is None else y + bias
+
+
+class _Conv2D(nn.Module):
+  """nn.Conv's fields for the 2-D NHWC case, and its computation (conv()
+  plus the bias) for a given kernel."""
 
   features: int
   kernel_size: Sequence[int]
@@ -37,25 +58,49 @@ class WNConv(nn.Module):
   use_bias: bool = True
   dtype: Any = None
   param_dtype: Any = jnp.float32
-  kernel_init: Callable = HE_INIT
+  kernel_init: Callable = nn.initializers.lecun_normal()  # nn.Conv's.
   bias_init: Callable = nn.initializers.zeros
+
+  def bias_param(self) -> jax.Array | None:
+    return (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+
+  @nn.nowrap
+  def conv(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    return _conv_bias(x, kernel, bias, self.strides, self.padding, self.dtype)
+
+
+class Conv(_Conv2D):
+  """nn.Conv (the same parameters, the same output) through conv(), so
+  cheaper to train on CPU."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', self.kernel_init,
+                        (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    return self.conv(x, kernel, self.bias_param())
+
+
+def _channel_norm(v: jax.Array) -> jax.Array:
+  """||v|| per output channel of an HWIO kernel."""
+  return jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1, 2)))
+
+
+class WNConv(_Conv2D):
+  """2-D convolution whose kernel is g * v / ||v||, the norm per output channel.
+
+  g starts at ||v||, as in PyTorch's weight_norm, so the initial kernel is v
+  itself (flax's nn.WeightNorm would start every filter at unit norm instead).
+  """
+
+  kernel_init: Callable = HE_INIT
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     v = self.param('v', self.kernel_init,
                    (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
     g = self.param('g', lambda _: _channel_norm(v))
-    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
-    return self.conv(x, v * (g / _channel_norm(v)), bias)
-
-  @nn.nowrap
-  def conv(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = lax.conv_general_dilated(
-        x, kernel, window_strides=tuple(self.strides), padding=self.padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y if bias is None else y + bias
+    return self.conv(x, v * (g / _channel_norm(v)), self.bias_param())
 
 
 # The ReLU's gamma of Brock et al. 2021 (timm's _nonlin_gamma['relu']):
@@ -96,11 +141,7 @@ class WSConv(nn.Module):
     mean = jnp.mean(w, axis=(0, 1, 2))
     var = jnp.var(w, axis=(0, 1, 2))
     kernel = (w - mean) * (lax.rsqrt(var + self.eps) * gain * (self.gamma * fan_in**-0.5))
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = lax.conv_general_dilated(
-        x, kernel, window_strides=tuple(self.strides), padding=self.padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y + bias
+    return _conv_bias(x, kernel, bias, self.strides, self.padding, self.dtype)
 
 
 class Dropout(nn.Module):
@@ -129,6 +170,75 @@ class Dropout(nn.Module):
     u16 = lax.bitcast_convert_type(pairs, jnp.uint16).reshape(*lead, -1)[..., :channels]
     kept = u16 <= jnp.uint16(round(keep * 65536) - 1)
     return lax.select(kept, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
+def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+             padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """nn.max_pool over NHWC x, -inf padding, with the same gradient; on CPU
+  through cpu_max_pool, whose gradient XLA:CPU computes ~4x faster."""
+  if jax.default_backend() == 'cpu':
+    return cpu_max_pool(x, window, strides, padding)
+  # XLA:GPU/TPU have a native select-and-scatter for the gradient.
+  return nn.max_pool(x, window, strides=strides, padding=padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def cpu_max_pool(x, window, strides, padding):
+  """nn.max_pool with a gradient written for XLA:CPU, bit for bit the same.
+
+  XLA differentiates a max pool with select-and-scatter, which XLA:CPU
+  expands into input-sized index arrays, an argmax and a scatter (the
+  ResNet stem's 3x3/2 pool cost 10x PyTorch's: results/bench/cpu_gap.md).
+  Here each window's gradient goes, as there, to its first maximum in
+  row-major window order, -inf padding included, summed over overlapping
+  windows in window order, but with elementwise selects and shifts only.
+  """
+  return nn.max_pool(x, window, strides=strides, padding=padding)
+
+
+def _cpu_max_pool_fwd(x, window, strides, padding):
+  y = nn.max_pool(x, window, strides=strides, padding=padding)
+  return y, (x, y)
+
+
+def _cpu_max_pool_bwd(window, strides, padding, residuals, g):
+  x, y = residuals
+  xp = jnp.pad(x, ((0, 0), *padding, (0, 0)), constant_values=-jnp.inf)
+  n, hp, wp, c = xp.shape
+  ho, wo = y.shape[1:3]
+  zero = jnp.zeros((), g.dtype)
+  firsts, taken = [], None
+  for i in range(window[0]):
+    for j in range(window[1]):
+      at = lax.slice(xp, (0, i, j, 0),
+                     (n, i + strides[0] * (ho - 1) + 1, j + strides[1] * (wo - 1) + 1, c),
+                     (1, *strides, 1))
+      hit = at == y
+      # Select-and-scatter's tie rule: the first maximum in the window.
+      firsts.append((i, j, hit if taken is None else hit & ~taken))
+      taken = hit if taken is None else taken | hit
+  # Offset (i, j) of window o reads padded row s * o + i = s * (o + i // s) + i % s
+  # (s = strides[0]; columns alike). So the gradient is one block per
+  # (row, column) residue, indexed by o + i // s, the blocks then interleaved.
+  qh, qw = -(-hp // strides[0]), -(-wp // strides[1])
+  blocks = {}
+  # An input's windows, in window order, are its offsets in reverse: adding
+  # the last offset first rounds the sums as select-and-scatter does.
+  for i, j, first in reversed(firsts):
+    si, sj = i // strides[0], j // strides[1]
+    shifted = lax.pad(jnp.where(first, g, zero), zero,
+                      ((0, 0, 0), (si, qh - ho - si, 0), (sj, qw - wo - sj, 0), (0, 0, 0)))
+    residue = i % strides[0], j % strides[1]
+    blocks[residue] = blocks[residue] + shifted if residue in blocks else shifted
+  empty = jnp.zeros((n, qh, qw, c), g.dtype)
+  rows = [jnp.stack([blocks.get((ri, rj), empty) for rj in range(strides[1])], axis=3)
+          for ri in range(strides[0])]
+  dxp = jnp.stack(rows, axis=2).reshape(n, qh * strides[0], qw * strides[1], c)
+  (top, _), (left, _) = padding
+  return (dxp[:, top:top + x.shape[1], left:left + x.shape[2]],)
+
+
+cpu_max_pool.defvjp(_cpu_max_pool_fwd, _cpu_max_pool_bwd)
 
 
 class GroupedBatchNorm(nn.Module):

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnfree_jax.models.layers import RELU_GAMMA, DropPath, Dropout, WSConv
+from bnfree_jax.models.layers import RELU_GAMMA, DropPath, Dropout, WSConv, max_pool
 from bnfree_jax.models.resnet import ModuleDef, check_arguments, square_conv
 
 NORM = 'scaled_ws'
@@ -155,7 +155,7 @@ class NFResNet(nn.Module):
     # No activation after the stem: each block starts with its own ReLU.
     x = square_conv(conv, self.width, kernel, strides, 'stem_conv')(x)
     if self.stem == 'imagenet':
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+      x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
     # As ResNet: `train` is argument 2 and the param tree is the same with remat.
     block_cls = nn.remat(self.block_cls, static_argnums=(2,)) if self.remat else self.block_cls

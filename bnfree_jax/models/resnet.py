@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnfree_jax.models.layers import HE_INIT, Dropout, GroupedBatchNorm, WNConv
+from bnfree_jax.models.layers import HE_INIT, Conv, Dropout, GroupedBatchNorm, WNConv, max_pool
 
 # A flax layer constructor: functools.partial of a module class, called with name=.
 ModuleDef = Any
@@ -27,7 +27,7 @@ LAYERS = {
     # 0.1 weighs the new batch; flax's weighs the running mean. bn_groups > 1:
     # statistics per device (DDP's), else over the global batch (synchronized BN).
     'batch': lambda m, train: (
-        functools.partial(nn.Conv, use_bias=False, kernel_init=HE_INIT, dtype=m.dtype),
+        functools.partial(Conv, use_bias=False, kernel_init=HE_INIT, dtype=m.dtype),
         functools.partial(GroupedBatchNorm, num_groups=m.bn_groups, use_running_average=not train,
                           momentum=0.9, epsilon=1e-5, dtype=m.dtype) if m.bn_groups > 1 else
         functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
@@ -35,13 +35,13 @@ LAYERS = {
     'weight': lambda m, train: (
         functools.partial(WNConv, kernel_init=HE_INIT, dtype=m.dtype), None),
     'none': lambda m, train: (
-        functools.partial(nn.Conv, use_bias=True, kernel_init=HE_INIT, dtype=m.dtype), None),
+        functools.partial(Conv, use_bias=True, kernel_init=HE_INIT, dtype=m.dtype), None),
     # Statistics per example (Wu & He 2018): no example sees another's, so
     # per-example gradients (DP-SGD) stay the examples' own. Every layer's
     # channel count is a multiple of the width, so gcd(gn_groups, width)
     # groups divide them all; torch's GroupNorm epsilon.
     'group': lambda m, train: (
-        functools.partial(nn.Conv, use_bias=False, kernel_init=HE_INIT, dtype=m.dtype),
+        functools.partial(Conv, use_bias=False, kernel_init=HE_INIT, dtype=m.dtype),
         functools.partial(nn.GroupNorm, num_groups=math.gcd(m.gn_groups, m.width),
                           epsilon=1e-5, dtype=m.dtype)),
 }
@@ -159,7 +159,7 @@ class ResNet(nn.Module):
     x = square_conv(conv, self.width, kernel, strides, 'stem_conv')(x)
     x = nn.relu(x if norm is None else norm(name='stem_norm')(x))
     if self.stem == 'imagenet':
-      x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(3))
+      x = max_pool(x, (3, 3), (2, 2), _pad(3))
 
     # self counts as argument 0, so `train` is 2; the name keeps the param tree
     # identical with and without remat.

@@ -9,7 +9,7 @@ import pytest
 
 from bnfree_jax.models import (RELU_GAMMA, DropPath, Dropout, ResNet18, WNConv, WSConv,
                                data_dependent_init)
-from bnfree_jax.models.layers import GroupedBatchNorm
+from bnfree_jax.models.layers import Conv, GroupedBatchNorm, conv, cpu_max_pool, max_pool
 
 
 RNG = np.random.default_rng(0)
@@ -313,3 +313,92 @@ def test_drop_path_drops_whole_examples():
   np.testing.assert_array_equal(again, y)
   assert DropPath(0.25, deterministic=True).apply({}, x) is x
   assert DropPath(0.0).apply({}, x) is x
+
+
+def _max_pool_grads(x, window, strides, padding, seed):
+  """x's gradient under nn.max_pool (XLA's select-and-scatter) and under
+  cpu_max_pool, for the same random output cotangent."""
+  reference = functools.partial(nn.max_pool, window_shape=window, strides=strides,
+                                padding=padding)
+  y, back = jax.vjp(reference, x)
+  cotangent = jnp.asarray(np.random.default_rng(seed).normal(size=y.shape), x.dtype)
+  y_cpu, back_cpu = jax.vjp(lambda x: cpu_max_pool(x, window, strides, padding), x)
+  np.testing.assert_array_equal(y_cpu, y)
+  return jax.jit(back)(cotangent)[0], jax.jit(back_cpu)(cotangent)[0]
+
+
+@pytest.mark.parametrize('window,strides,padding', [
+    ((3, 3), (2, 2), ((1, 1), (1, 1))),  # The ResNet stem's.
+    ((3, 3), (1, 1), ((1, 1), (1, 1))),
+    ((2, 3), (2, 1), ((0, 1), (1, 0))),
+    ((3, 2), (3, 2), ((0, 0), (0, 0))),
+])
+@pytest.mark.parametrize('shape', [(2, 7, 9, 3), (3, 8, 6, 2), (1, 5, 5, 1)])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_cpu_max_pool_gradient_is_select_and_scatters_bit_for_bit(window, strides, padding,
+                                                                  shape, dtype):
+  """Random cotangents, so that overlapping windows' sums round alike;
+  inputs from {0, 1, 2} so that most windows hold tied maxima, and normal
+  ones so that a maximum is often chosen by several windows; -inf inputs
+  tie with the -inf padding, whose gradient is dropped."""
+  rng = np.random.default_rng(3)
+  inputs = [rng.integers(0, 3, shape), rng.normal(size=shape),
+            np.where(rng.uniform(size=shape) < 0.5, -np.inf, rng.integers(0, 2, shape))]
+  for seed, x in enumerate(inputs):
+    want, got = _max_pool_grads(jnp.asarray(x, dtype), window, strides, padding, seed)
+    assert got.dtype == want.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+  # Not vacuous: ties send the gradient to one input of several.
+  x = jnp.zeros((1, 5, 5, 1), dtype)
+  grads = _max_pool_grads(x, (3, 3), (2, 2), ((1, 1), (1, 1)), 0)
+  assert int(jnp.sum(grads[1] != 0)) == 9
+
+
+def test_max_pool_on_cpu_is_cpu_max_pool():
+  x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 6, 6, 2)), jnp.float32)
+
+  def grad_program(pool):
+    loss = lambda x: pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))).sum()
+    return str(jax.make_jaxpr(jax.grad(loss))(x))
+
+  assert jax.default_backend() == 'cpu'
+  assert 'select_and_scatter' in grad_program(
+      lambda x, w, s, p: nn.max_pool(x, w, strides=s, padding=p))
+  assert 'select_and_scatter' not in grad_program(max_pool)
+
+
+@pytest.mark.parametrize('kernel,strides,padding', [
+    (1, 1, ((0, 0), (0, 0))), (1, 2, ((0, 0), (0, 0))), (1, 2, 'SAME'), (1, 3, 'VALID'),
+    (3, 2, ((1, 1), (1, 1))), (1, 1, ((1, 1), (0, 0)))])
+def test_conv_and_its_gradients_equal_lax_conv(kernel, strides, padding):
+  """To float32 rounding: the 1x1 unpadded ones are dots, whose sums over
+  the input channels round differently; odd sizes, so strides drop pixels."""
+  x, w = _normal(3, 7, 9, 5), _normal(kernel, kernel, 5, 4)
+
+  def reference(x, w):
+    return jax.lax.conv_general_dilated(x, w, (strides, strides), padding,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  def ours(x, w):
+    return conv(x, w, (strides, strides), padding)
+
+  want, back = jax.vjp(reference, x, w)
+  got, back_ours = jax.vjp(ours, x, w)
+  assert got.shape == want.shape
+  cotangent = _normal(*want.shape)
+  for a, b in zip((got, *back_ours(cotangent)), (want, *back(cotangent))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  is_dot = kernel == 1 and (isinstance(padding, str) or padding[0] == (0, 0))
+  assert ('conv_general_dilated' in str(jax.make_jaxpr(ours)(x, w))) != is_dot
+
+
+def test_conv_module_is_flax_conv():
+  x = _normal(2, 7, 7, 3)
+  for kwargs in (dict(kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1))),
+                 dict(kernel_size=(1, 1), strides=(2, 2), padding=((0, 0), (0, 0)), use_bias=False)):
+    ours, flax_conv = Conv(6, **kwargs), nn.Conv(6, **kwargs)
+    variables = ours.init(KEY, x)
+    jax.tree.map(np.testing.assert_array_equal, variables, flax_conv.init(KEY, x))
+    params = jax.tree.map(lambda p: p + _normal(*p.shape), variables)
+    np.testing.assert_allclose(ours.apply(params, x), flax_conv.apply(params, x),
+                               rtol=1e-5, atol=1e-5)
