@@ -14,24 +14,31 @@ is not a proven guarantee for it.
 
 Accounting. Google's dp_accounting composes the Poisson-subsampled Gaussian
 mechanism over the steps: the privacy loss distribution (PLD) accountant for
-the reported epsilon, Renyi DP (RDP) on request.
+the reported epsilon, Renyi DP (RDP) on request. It is imported on first
+use: scipy, which it loads, fails to import where torch is blocked (as the
+converter's tests block it), and most runs never account.
 """
 
 import math
 from typing import Iterator
 
-import dp_accounting
 import numpy as np
-from dp_accounting import pld, rdp
 
 SAMPLINGS = ('poisson', 'shuffle')
-ACCOUNTANTS = {'pld': pld.PLDAccountant, 'rdp': rdp.RdpAccountant}
+ACCOUNTANTS = ('pld', 'rdp')
 _SAMPLING_SEED_TAG = 0x5D9  # Keeps the batches' generator apart from the epoch orders'.
 
 
-def dp_event(q: float, noise_multiplier: float, steps: int) -> dp_accounting.DpEvent:
+def _accountant(name: str):
+  """A fresh dp_accounting accountant of ACCOUNTANTS' `name`."""
+  from dp_accounting import pld, rdp
+  return {'pld': pld.PLDAccountant, 'rdp': rdp.RdpAccountant}[name]()
+
+
+def dp_event(q: float, noise_multiplier: float, steps: int):
   """`steps` Poisson-subsampled (rate q) Gaussian mechanisms (std noise_multiplier
-  times the sensitivity)."""
+  times the sensitivity), as a dp_accounting.DpEvent."""
+  import dp_accounting
   return dp_accounting.SelfComposedDpEvent(
       dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise_multiplier)),
       steps)
@@ -44,7 +51,7 @@ def epsilon(q: float, noise_multiplier: float, steps: int, delta: float,
     return 0.0
   if noise_multiplier == 0:
     return math.inf
-  acc = ACCOUNTANTS[accountant]()
+  acc = _accountant(accountant)
   acc.compose(dp_event(q, noise_multiplier, steps))
   return acc.get_epsilon(delta)
 
@@ -53,8 +60,9 @@ def calibrate_noise(target_epsilon: float, delta: float, q: float, steps: int,
                     accountant: str = 'pld') -> float:
   """The smallest noise multiplier (to dp_accounting's tolerance) whose epsilon
   after `steps` steps is at most target_epsilon."""
+  import dp_accounting
   sigma = dp_accounting.calibrate_dp_mechanism(
-      ACCOUNTANTS[accountant], lambda s: dp_event(q, s, steps), target_epsilon, delta)
+      lambda: _accountant(accountant), lambda s: dp_event(q, s, steps), target_epsilon, delta)
   # calibrate_dp_mechanism returns the upper end of its bracket, which meets
   # the target; checked, since a promised epsilon must hold.
   if epsilon(q, sigma, steps, delta, accountant) > target_epsilon:
