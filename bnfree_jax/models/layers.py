@@ -47,9 +47,9 @@ def _conv_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, strides:
   return y if bias is None else y + bias
 
 
-class _Conv2D(nn.Module):
-  """nn.Conv's fields for the 2-D NHWC case, and its computation (conv()
-  plus the bias) for a given kernel."""
+class Conv(nn.Module):
+  """nn.Conv's 2-D NHWC case (the same parameters, the same output) through
+  conv(), so cheaper to train on CPU."""
 
   features: int
   kernel_size: Sequence[int]
@@ -61,24 +61,13 @@ class _Conv2D(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()  # nn.Conv's.
   bias_init: Callable = nn.initializers.zeros
 
-  def bias_param(self) -> jax.Array | None:
-    return (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
-
-  @nn.nowrap
-  def conv(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
-    return _conv_bias(x, kernel, bias, self.strides, self.padding, self.dtype)
-
-
-class Conv(_Conv2D):
-  """nn.Conv (the same parameters, the same output) through conv(), so
-  cheaper to train on CPU."""
-
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', self.kernel_init,
                         (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
-    return self.conv(x, kernel, self.bias_param())
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    return _conv_bias(x, kernel, bias, self.strides, self.padding, self.dtype)
 
 
 def _channel_norm(v: jax.Array) -> jax.Array:
@@ -86,21 +75,35 @@ def _channel_norm(v: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1, 2)))
 
 
-class WNConv(_Conv2D):
+class WNConv(nn.Module):
   """2-D convolution whose kernel is g * v / ||v||, the norm per output channel.
 
   g starts at ||v||, as in PyTorch's weight_norm, so the initial kernel is v
   itself (flax's nn.WeightNorm would start every filter at unit norm instead).
   """
 
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] = (1, 1)
+  padding: str | Sequence[tuple[int, int]] = 'SAME'
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
   kernel_init: Callable = HE_INIT
+  bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     v = self.param('v', self.kernel_init,
                    (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
     g = self.param('g', lambda _: _channel_norm(v))
-    return self.conv(x, v * (g / _channel_norm(v)), self.bias_param())
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    return self.conv(x, v * (g / _channel_norm(v)), bias)
+
+  @nn.nowrap
+  def conv(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
+    return _conv_bias(x, kernel, bias, self.strides, self.padding, self.dtype)
 
 
 # The ReLU's gamma of Brock et al. 2021 (timm's _nonlin_gamma['relu']):
