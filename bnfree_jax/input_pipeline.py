@@ -114,7 +114,7 @@ def dp_train_batches(config, *, start_step: int, process_index: int = 0,
   images, labels = _arrays(config, train=True)
   for step in itertools.count(start_step):
     indices = privacy.step_indices(config.dp.sampling, config.seed, step, len(labels),
-                                   config.batch_size, permutation)
+                                   config.batch_size)
     yield [{'image': _normalize(config, images[rows]), 'label': labels[rows].astype(np.int32),
             'index': rows.astype(np.int32), 'mask': mask}
            for rows, mask in privacy.microbatches(indices, config.dp.microbatch_size,

@@ -24,6 +24,8 @@ from typing import Iterator
 
 import numpy as np
 
+from bnfree_jax.datasets import permutation
+
 SAMPLINGS = ('poisson', 'shuffle')
 ACCOUNTANTS = ('pld', 'rdp')
 _SAMPLING_SEED_TAG = 0x5D9  # Keeps the batches' generator apart from the epoch orders'.
@@ -76,11 +78,11 @@ def sample(seed: int, step: int, num_examples: int, q: float) -> np.ndarray:
   return np.flatnonzero(rng.random(num_examples) < q)
 
 
-def step_indices(sampling: str, seed: int, step: int, num_examples: int, batch_size: int,
-                 permutation) -> np.ndarray:
+def step_indices(sampling: str, seed: int, step: int, num_examples: int,
+                 batch_size: int) -> np.ndarray:
   """The examples of step `step`: Poisson-sampled with rate batch_size /
-  num_examples, or the step's slice of its epoch's shuffled order
-  (permutation(seed, epoch, num_examples), the trainer's own)."""
+  num_examples, or the step's slice of its epoch's shuffled order (the
+  trainer's own, datasets.permutation)."""
   if sampling == 'poisson':
     return sample(seed, step, num_examples, batch_size / num_examples)
   steps_per_epoch = num_examples // batch_size

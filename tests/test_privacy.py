@@ -37,8 +37,7 @@ def test_sampling_is_a_function_of_seed_and_step():
 
 
 def test_shuffle_steps_are_the_epochs_permutation():
-  steps = [privacy.step_indices('shuffle', 0, t, 100, 30, input_pipeline.permutation)
-           for t in range(6)]
+  steps = [privacy.step_indices('shuffle', 0, t, 100, 30) for t in range(6)]
   assert all(len(s) == 30 for s in steps)
   np.testing.assert_array_equal(np.concatenate(steps[:3]),
                                 input_pipeline.permutation(0, 0, 100)[:90])
