@@ -39,9 +39,8 @@ def clipped_sum(example_grad, params, examples, mask, l2_clip: float):
   scale = jnp.where(mask, jnp.minimum(1.0, l2_clip / (norms + _NORM_EPS)), 0.0)
   # where, not a product: a masked row with a non-finite gradient adds nothing either.
   summed = jax.tree.map(
-      lambda g: jnp.sum(jnp.where(mask.reshape(-1, *[1] * (g.ndim - 1)),
-                                  g * scale.reshape(-1, *[1] * (g.ndim - 1)).astype(g.dtype),
-                                  0), axis=0),
+      lambda g: jnp.tensordot(scale.astype(g.dtype),
+                              jnp.where(mask.reshape(-1, *[1] * (g.ndim - 1)), g, 0), axes=1),
       grads)
   return summed, aux, norms
 
