@@ -59,6 +59,27 @@ def test_tiny_train_step_bench(tmp_path, capsys):
   assert rows[1].split(' | ')[3] == f"{records[1]['step_cpu_ms']:.0f}"
 
 
+def test_dp_row_is_held_against_its_nonprivate_twin(tmp_path, capsys):
+  """'dp' (issue 20): the trainer's DP-SGD step on one micro-batch of the
+  whole batch, timed beside 'group', the same network without privacy."""
+  out = tmp_path / 'bench.json'
+  assert cli.main(['--models', 'resnet18', '--variants', 'group,dp', '--width', '8',
+                   '--image-size', '16', '--batch-size', '4', '--steps', '3', '--warmup', '1',
+                   '--json', str(out)]) == 0
+  group, dp = json.loads(out.read_text())
+  assert (group['norm'], dp['norm'], dp['variant']) == ('group', 'group', 'dp')
+  assert dp['all_finite'] and dp['compile_s'] is None and dp['flops_per_step'] is None
+  _images_per_sec_agree(dp)
+  assert dp['ratio_to_nonprivate'] == pytest.approx(statistics.median(
+      d / g for d, g in zip(dp['step_times_ms'], group['step_times_ms'])))
+  assert 'ratio_to_nonprivate' not in group
+  row, = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| resnet18 | dp')]
+  assert f"× group: {dp['ratio_to_nonprivate']:.2f} (" in row and ' | — | — |' in row
+  c = train_step.variant_config('resnet18', 'dp', 16, 28, 8)
+  assert (c.dp.enabled, c.dp.microbatch_size, c.dp.noise_multiplier, c.dp.l2_clip) == (
+      True, 16, 1.0, 1.0)
+
+
 def test_variant_expansion():
   assert train_step.parse_variants(['weight', 'batch'], memory_options=True) == [
       'weight', 'weight+remat', 'weight+bf16', 'batch', 'batch+remat', 'batch+bf16']

@@ -74,6 +74,10 @@ def cores(value):
   return 'n/a' if value is None else f'{value:.2f}'
 
 
+def cell(value, fmt, scale=1.0):
+  return '—' if value is None else format(value * scale, fmt)
+
+
 def mb(value):
   return 'n/a' if value is None else f'{value / 2**20:.0f}'
 

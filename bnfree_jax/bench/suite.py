@@ -330,10 +330,6 @@ def worker(args):
 # ---------------------------------------------------------------- tables ----
 
 
-def _cell(value, fmt, scale=1.0):
-  return '—' if value is None else format(value * scale, fmt)
-
-
 def _sig(value, scale=1.0):
   """Three significant digits, without an exponent from 1000 up: rates span
   a CPU's GFLOP/s and a GPU's TFLOP/s."""
@@ -368,8 +364,8 @@ def live_line(r):
           f"{r['variant']}{'' if r['all_finite'] else ' (non-finite loss)'} | "
           f"{r['step_time_ms']:.1f} [{r['step_time_ms_min']:.1f}–{r['step_time_ms_max']:.1f}] | "
           f"{r['images_per_sec']:.1f} | {_sig(r.get('flops_per_sec'), 1e-12)} | "
-          f"{_cell(r.get('mfu'), '.1%')} | {common.mb(r.get('peak_bytes'))} | "
-          f"{_cell(r.get('compile_s'), '.1f')} | {common.cores(r.get('other_cpu_cores'))} |")
+          f"{common.cell(r.get('mfu'), '.1%')} | {common.mb(r.get('peak_bytes'))} | "
+          f"{common.cell(r.get('compile_s'), '.1f')} | {common.cores(r.get('other_cpu_cores'))} |")
 
 
 def _table_order(r):
@@ -407,10 +403,10 @@ def markdown(records):
         f"| {_who(r)} | {r['model']} | {r['batch_size']} | {r['compute_dtype']} | "
         f"{r['variant']}{'' if r['all_finite'] else ' (non-finite loss)'} | "
         f"{r['step_time_ms']:.1f} [{r['step_time_ms_min']:.1f}–{r['step_time_ms_max']:.1f}] | "
-        f"{r['images_per_sec']:.1f} | {_cell(r['ratio_to_batch'], '.2f')} | "
+        f"{r['images_per_sec']:.1f} | {common.cell(r['ratio_to_batch'], '.2f')} | "
         f"{_sig(r['flops_per_step'], 1e-9)} | {_sig(r['flops_per_sec'], 1e-12)} | "
-        f"{_cell(r['mfu'], '.1%')} | {common.mb(r['peak_bytes'])} | "
-        f"{common.mb(r['xla_bytes'])} | {_cell(r['compile_s'], '.1f')} | "
+        f"{common.cell(r['mfu'], '.1%')} | {common.mb(r['peak_bytes'])} | "
+        f"{common.mb(r['xla_bytes'])} | {common.cell(r['compile_s'], '.1f')} | "
         f"{common.cores(r.get('other_cpu_cores'))} |")
   lines += ['', '× batch: the step time over that of the same framework\'s batch-norm row '
             '(for nf_resnetN: resnetN with BN) at the same batch and dtype.',
@@ -454,8 +450,8 @@ def markdown(records):
                      f"{r['steps']} | skipped: {r['skipped']} | | | |")
         continue
       lines.append(f"| {r['recipe']} | {r['compute_dtype']} | {r['batch_size']} | {r['steps']} | "
-                   f"{r['images_per_sec']:.1f} | {_cell(r['bench_images_per_sec'], '.1f')} | "
-                   f"{_cell(r['loop_vs_step'], '.2f')} | {r['wall_s']:.0f} |")
+                   f"{r['images_per_sec']:.1f} | {common.cell(r['bench_images_per_sec'], '.1f')} | "
+                   f"{common.cell(r['loop_vs_step'], '.2f')} | {r['wall_s']:.0f} |")
   skipped = collections.defaultdict(list)
   for r in rest:
     if r.get('skipped'):

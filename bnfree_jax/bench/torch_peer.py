@@ -1,12 +1,15 @@
 """PyTorch peer of the bnfree_jax train step: torchvision's ResNets with BN
 ('batch'), and with torch.nn.utils.parametrizations.weight_norm on every conv
 (given a bias) and no BN ('weight', the paper's own setting); timm's
-NF-ResNets with adaptive gradient clipping ('nf_agc'); one SGD momentum step
+NF-ResNets with adaptive gradient clipping ('nf_agc'); torchvision's ResNets
+with GroupNorm where BN was ('group'), and the same trained with DP-SGD by
+Opacus ('dp': per-example gradients by its GradSampleModule hooks, each
+clipped to norm 1, noise multiplier 1, by its DPOptimizer); one SGD momentum step
 on random data, channels_last, bfloat16 AMP autocast or float32, eager or
 under torch.compile.
 
 A standalone script needing only torch and torchvision, and timm for the
-NF-ResNets (no bnfree_jax, JAX or TensorFlow), so that
+NF-ResNets and opacus for 'dp' (no bnfree_jax, JAX or TensorFlow), so that
 `python -m bnfree_jax.bench --suite gpu` can run it with another interpreter,
 each framework alone on the device:
 
@@ -19,25 +22,29 @@ Prints one JSON record per finished row on stdout (progress on stderr);
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import sys
 import time
+import types
 
 import torch
 import torchvision
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
-NORMS = ('batch', 'weight', 'nf_agc')
+NORMS = ('batch', 'weight', 'nf_agc', 'group', 'dp')
 MODES = ('eager', 'compile')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
 MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
           'nf_resnet26', 'nf_resnet50', 'nf_resnet101')
 # The bench's learning rates for its rows: they keep the steps finite, and do
 # not change the work.
-BASE_LR = {'batch': 0.1, 'weight': 0.001, 'nf_agc': 0.1}
+BASE_LR = {'batch': 0.1, 'weight': 0.001, 'nf_agc': 0.1, 'group': 0.1, 'dp': 0.1}
+GN_GROUPS = 16  # At most, as bnfree_jax's model.gn_groups: gcd(16, width) groups.
+DP_CLIP, DP_NOISE = 1.0, 1.0  # As bnfree_jax.bench.train_step's 'dp' variant.
 AGC_CLIPPING = 0.01  # configs/nf_resnet50.py's, the classifier unclipped.
 
 
@@ -60,6 +67,27 @@ def _weight_norm_convs(module):
       setattr(module, name, weight_norm(conv))
     else:
       _weight_norm_convs(child)
+
+
+def _residual_forward(block, x):
+  """torchvision's BasicBlock / Bottleneck forward, its add and ReLUs out of place."""
+  identity = x if block.downsample is None else block.downsample(x)
+  out = block.relu(block.bn1(block.conv1(x)))
+  out = block.bn2(block.conv2(out))
+  if hasattr(block, 'conv3'):
+    out = block.bn3(block.conv3(block.relu(out)))
+  return block.relu(out + identity)
+
+
+def _out_of_place(net):
+  """No in-place ReLU or residual add: Opacus's backward hooks refuse to have
+  a hooked module's output modified in place."""
+  for module in net.modules():
+    if isinstance(module, nn.ReLU):
+      module.inplace = False
+    if isinstance(module, (torchvision.models.resnet.BasicBlock,
+                           torchvision.models.resnet.Bottleneck)):
+      module.forward = types.MethodType(_residual_forward, module)
 
 
 def fits(model, norm):
@@ -91,14 +119,15 @@ def build(model, norm, width=64, stem='imagenet'):
     import timm  # Only here: the other rows need no timm.
     return timm.create_model(model, num_classes=1000)
   # nn.Identity takes (and ignores) the channel count torchvision passes.
-  norm_layer = nn.BatchNorm2d if norm == 'batch' else nn.Identity
+  norm_layer = {'batch': nn.BatchNorm2d, 'weight': nn.Identity}.get(
+      norm, lambda channels: nn.GroupNorm(math.gcd(GN_GROUPS, width), channels))
   net = getattr(torchvision.models, model)(num_classes=1000, norm_layer=norm_layer)
   if width != 64:
     net = _narrow(net, width)
   if stem == 'small':
     net.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
-  if norm != 'batch':
+  if norm == 'weight':
     _weight_norm_convs(net)
   return net
 
@@ -150,6 +179,13 @@ def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps
   model.train()
   optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR[norm], momentum=0.9,
                               weight_decay=1e-4)
+  if norm == 'dp':
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    _out_of_place(model)
+    model = GradSampleModule(model)  # Mean loss: its hooks scale by the batch back.
+    optimizer = DPOptimizer(optimizer, noise_multiplier=DP_NOISE, max_grad_norm=DP_CLIP,
+                            expected_batch_size=batch_size)
   net = torch.compile(model) if mode == 'compile' else model
   if norm == 'nf_agc':  # timm's AGC, the classifier ('head.') unclipped.
     from timm.utils import adaptive_clip_grad

@@ -30,7 +30,14 @@ VARIANTS = {
     'none': dict(norm='none', base_lr=1e-5),
     # NF-ResNets (models.nf_resnet) only, as configs/nf_resnet50.py trains them.
     'nf_agc': dict(norm='scaled_ws', base_lr=0.1, agc=0.01),
+    # GroupNorm where BN was (Opacus's replacement), and the same network under
+    # DP-SGD (issue 20): each example's gradient clipped to norm 1, noise
+    # multiplier 1, the whole batch one micro-batch. Its row is also held
+    # against the 'group' row: the price of privacy per step.
+    'group': dict(norm='group', base_lr=0.1),
+    'dp': dict(norm='group', base_lr=0.1, dp=True),
 }
+NONPRIVATE = {'dp': 'group'}
 # Memory options: suffix -> (config key, value).
 OPTIONS = {'remat': ('remat', True), 'bf16': ('compute_dtype', 'bfloat16')}
 COMPUTE_DTYPES = ('float32', 'bfloat16')
@@ -149,6 +156,8 @@ def variant_config(model, variant, batch_size, image_size, width, stem='imagenet
     c.grad_clip.update(mode='log', threshold=5.0, final_threshold=50.0)
   if spec.get('agc'):
     c.grad_clip.update(mode='agc', agc_clipping=spec['agc'])
+  if spec.get('dp'):
+    c.dp.update(enabled=True, noise_multiplier=1.0, l2_clip=1.0, microbatch_size=batch_size)
   for option in options:
     key, value = OPTIONS[option]
     c[key] = value
@@ -197,8 +206,14 @@ def _memory(compiled):
 
 def compile_run(run):
   """setup + AOT compile of exactly the step the trainer runs, from the
-  state's shapes alone: no device memory is taken until load_run."""
+  state's shapes alone: no device memory is taken until load_run. The DP
+  step is three programs driven from Python (train.jit_train_step): they
+  compile in its first step, and XLA's FLOPs and memory are not reported."""
   s = run.setup = train.setup(run.config)
+  if run.config.dp.enabled:
+    run.compiled = train.jit_train_step(s)
+    run.record.update(compile_s=None, num_devices=s.mesh.devices.size, flops_per_step=None)
+    return
   replicated, data = NamedSharding(s.mesh, P()), NamedSharding(s.mesh, P('data'))
   state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                        jax.eval_shape(lambda: train.init_state(s)))
@@ -223,6 +238,8 @@ def load_run(run):
   rng, n = np.random.default_rng(0), run.config.batch_size
   batch = {'image': rng.normal(size=(n, *s.info.image_shape)).astype(np.float32),
            'label': rng.integers(s.info.num_classes, size=n).astype(np.int32)}
+  if run.config.dp.enabled:  # One micro-batch of n real examples.
+    batch = [dict(batch, index=np.arange(n, dtype=np.int32), mask=np.ones(n, bool))]
   run.batch = jax.device_put(batch, NamedSharding(s.mesh, P('data')))
 
 
@@ -330,18 +347,24 @@ def measure_steps(runs, steps, warmup, gate=lambda: None, trace_dir=None):
   for run in runs:
     _finish(run, warmup, load_start, load_end, other_cores, machine)
     free_run(run)  # Device memory goes before the next table is measured.
-  for run in runs:
+  def ratios(run, key, model, variant):
     # The median of per-round ratios: both steps of a round ran seconds apart,
     # so a load change between rounds (another job) cancels out.
-    base = next((r for r in runs if r.model == bn_twin(run.model) and r.variant == 'batch'),
-                None)
-    run.record['ratio_to_batch'] = run.record['ratio_to_batch_quartiles'] = None
+    base = next((r for r in runs if r.model == model and r.variant == variant), None)
+    run.record[key] = run.record[f'{key}_quartiles'] = None
     if base:
-      ratios = [t / b for t, b in zip(run.record['step_times_ms'], base.record['step_times_ms'])]
-      run.record['ratio_to_batch'] = statistics.median(ratios)
+      per_round = [t / b for t, b in zip(run.record['step_times_ms'],
+                                         base.record['step_times_ms'])]
+      run.record[key] = statistics.median(per_round)
       # Their spread says how far the median ratio can be trusted.
-      run.record['ratio_to_batch_quartiles'] = (
-          statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else [ratios[0]] * 2)
+      run.record[f'{key}_quartiles'] = (statistics.quantiles(per_round, n=4)[::2]
+                                        if len(per_round) > 1 else [per_round[0]] * 2)
+
+  for run in runs:
+    ratios(run, 'ratio_to_batch', bn_twin(run.model), 'batch')
+    base, *options = run.variant.split('+')
+    if base in NONPRIVATE:
+      ratios(run, 'ratio_to_nonprivate', run.model, '+'.join([NONPRIVATE[base], *options]))
   return [run.record for run in runs]
 
 
@@ -410,7 +433,9 @@ def markdown_table(records):
       f"{first['load_avg_start']:.2f} -> {first['load_avg_end']:.2f} on "
       f"{first['cpu_count']} CPUs (the bench included); other processes kept "
       f"{common.cores(first['other_cpu_cores'])} cores busy while the steps ran. "
-      "× batch: against the model's batch-norm row (for nf_resnetN: resnetN's).", '',
+      "× batch: against the model's batch-norm row (for nf_resnetN: resnetN's); "
+      "a DP-SGD row also against its non-private twin ('dp' against 'group'). "
+      "DP rows compile in their first step: no compile time, FLOPs or XLA memory.", '',
       '| model | variant | step ms median [min–max] | CPU ms | img/s | × batch: median (quartiles) of '
       'per-round ratios | compile s | GFLOPs/step | GFLOP/s | temp MB/device '
       '| argument MB/device | peak MB |',
@@ -420,13 +445,17 @@ def markdown_table(records):
     if r['ratio_to_batch'] is not None:
       q1, q3 = r['ratio_to_batch_quartiles']
       ratio = f"{r['ratio_to_batch']:.2f} ({q1:.2f}–{q3:.2f})"
+    if r.get('ratio_to_nonprivate') is not None:
+      q1, q3 = r['ratio_to_nonprivate_quartiles']
+      ratio += f"; × {NONPRIVATE[r['variant'].split('+')[0]]}: " \
+               f"{r['ratio_to_nonprivate']:.2f} ({q1:.2f}–{q3:.2f})"
     gflops = '—' if r['flops_per_step'] is None else f"{r['flops_per_step'] / 1e9:.3g}"
     rate = '—' if r['flops_per_sec'] is None else f"{r['flops_per_sec'] / 1e9:.3g}"
     finite = '' if r['all_finite'] else ' (non-finite loss)'
     lines.append(
         f"| {r['model']} | {r['variant']}{finite} | {r['step_time_ms']:.0f} "
         f"[{r['step_time_ms_min']:.0f}–{r['step_time_ms_max']:.0f}] | {r['step_cpu_ms']:.0f} | "
-        f"{r['images_per_sec']:.1f} | {ratio} | {r['compile_s']:.1f} | {gflops} | {rate} | "
+        f"{r['images_per_sec']:.1f} | {ratio} | {common.cell(r['compile_s'], '.1f')} | {gflops} | {rate} | "
         f"{common.mb(r.get('temp_bytes'))} | {common.mb(r.get('argument_bytes'))} | "
         f"{common.mb(r.get('peak_bytes'))} |")
   return '\n'.join(lines) + '\n'
