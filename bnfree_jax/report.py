@@ -39,6 +39,14 @@ _FIGURES = {
 }
 
 
+# Published DP-SGD results at delta = 1e-5, drawn beside the runs' in the
+# privacy-utility figure: dataset -> (who, epsilon, test top-1 %).
+PUBLISHED_DP = {
+    'fashion_mnist': (('Papernot et al. 2021, tempered-sigmoid CNN', 2.93, 86.1),
+                      ('Tramèr & Boneh 2021, ScatterNet + linear', 3.0, 89.7)),
+}
+
+
 class ReportError(ValueError):
   """A run directory that cannot be reported."""
 
@@ -241,6 +249,33 @@ def _privacy_table(runs):
   return _markdown(rows) if len(rows) > 1 else None
 
 
+def _privacy_utility_figure(runs):
+  """Final test top-1 (filled; EMA: open) against the epsilon spent, one point
+  per DP run, with the published points for the runs' datasets; None without
+  a DP run."""
+  dp_runs = [(i, r) for i, r in enumerate(runs) if logs.EPSILON in r.scalars]
+  if not dp_runs:
+    return None
+  fig = Figure(figsize=(6.4, 4.4), layout='constrained')
+  ax = fig.subplots()
+  for i, run in dp_runs:
+    eps = _last(run, logs.EPSILON)
+    for tag, face in ((logs.tag(logs.EVAL, 'top1'), _color(i)),
+                      (logs.tag(logs.EVAL_EMA, 'top1'), 'none')):
+      if tag in run.scalars:
+        ax.plot([eps], [100 * _last(run, tag)], 'o', color=_color(i), markerfacecolor=face,
+                label=run.name if face != 'none' else None)
+  for who, eps, top1 in {p for _, r in dp_runs
+                         for p in PUBLISHED_DP.get(r.config.get('dataset'), ())}:
+    ax.plot([eps], [top1], '*', color='black', markersize=10)
+    ax.annotate(who, (eps, top1), textcoords='offset points', xytext=(6, -4), fontsize=7)
+  ax.set(title='Privacy and utility (open: EMA weights; stars: published)',
+         xlabel='ε spent (at each run\'s δ)', ylabel='test top-1 (%)')
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc='lower right')
+  return fig
+
+
 def _median_after_first(run, tag):
   """The first logged point includes compilation, so it is left out."""
   values = run.scalars[tag][1][1:] if tag in run.scalars else np.array([])
@@ -401,6 +436,10 @@ def write_figures(runs, out_dir, hist_stage='stage2', hist_layer=HIST_LAYER):
         'global norm', log=True, dashed_tag=logs.tag(logs.TRAIN, 'clip_threshold'))
   figures['grad_norms'] = fig
 
+  privacy_utility = _privacy_utility_figure(runs)
+  if privacy_utility:
+    figures['privacy_utility'] = privacy_utility
+
   for name, fig in figures.items():
     fig.savefig(os.path.join(out_dir, f'{name}.png'), dpi=_DPI)
   return figures
@@ -433,7 +472,8 @@ def write_report(run_dirs, out_dir, hist_stage='stage2', hist_layer=HIST_LAYER):
               'ε: the privacy spent by the last logged step, at δ, by the run\'s accountant '
               '(dp.accountant); with sampling=shuffle it assumes Poisson sampling and is not '
               'a proven guarantee. σ: the noise multiplier; the noise added to the sum of '
-              'clipped gradients has std σ C.', '']
+              'clipped gradients has std σ C.', '',
+              '![privacy_utility](privacy_utility.png)', '']
   lines += [
       '## Time and memory (paper Table 7)', '',
       _perf_table(runs), '',

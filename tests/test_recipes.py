@@ -2,7 +2,7 @@
 
 import pytest
 
-from bnfree_jax import train
+from bnfree_jax import privacy, train
 from conftest import load_config
 
 
@@ -32,3 +32,15 @@ def test_nf_resnet50_small_twin_runs_at_the_paper_twins_budget():
   assert float(lr(468 + 234)) == pytest.approx(0.4, rel=1e-3)  # Cosine half-way down.
   assert float(lr(935)) == pytest.approx(0.0, abs=1e-5)
   assert (c.ema_decay, c.grad_clip.agc_clipping) == (0.999, 0.2)
+
+
+def test_dp_recipe_spends_exactly_its_epsilon_over_its_planned_steps():
+  s = train.setup(load_config('dp_fashion_mnist.py'))
+  c = s.config
+  assert (c.model.name, c.model.norm, c.dp.enabled, c.dp.l2_clip, c.dp.delta) == (
+      'resnet18', 'group', True, 1.0, 1e-5)
+  assert (s.total_steps, s.sampling_rate) == (348, pytest.approx(1024 / 60000))
+  epsilon = privacy.epsilon(s.sampling_rate, s.noise_multiplier, s.total_steps, c.dp.delta)
+  assert 2.99 < epsilon <= 3.0
+  assert privacy.epsilon(s.sampling_rate, 0.99 * s.noise_multiplier, s.total_steps,
+                         c.dp.delta) > 3.0

@@ -166,6 +166,11 @@ def _other_cores(start, end):
   return max(0.0, ((end[1] - start[1]) - (end[2] - start[2])) / (end[0] - start[0]))
 
 
+def _version(package):
+  import importlib.metadata
+  return importlib.metadata.version(package)
+
+
 def _sync(device):
   if device.type == 'cuda':
     torch.cuda.synchronize(device)
@@ -251,6 +256,7 @@ def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps
       peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == 'cuda' else None,
       all_finite=bool(torch.isfinite(loss).item()), device=_device_name(device),
       torch_version=torch.__version__, torchvision_version=torchvision.__version__,
+      opacus_version=_version('opacus') if norm == 'dp' else None,
       threads=torch.get_num_threads(), load_avg_start=load_start,
       load_avg_end=os.getloadavg()[0], other_cpu_cores=_other_cores(cpu_start, _cpu_seconds()),
       cpu_count=os.cpu_count(), host=platform.node(),
