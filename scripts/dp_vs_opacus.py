@@ -68,7 +68,7 @@ def table(records):
     return statistics.median(values)
 
   jax_record = next(r for r in records if r['framework'] == 'bnfree_jax')
-  torch_record = next(r for r in records if r['framework'] == 'torch')
+  torch_record = next(r for r in records if (r['framework'], r['variant']) == ('torch', 'dp'))
   lines = [
       f"DP-SGD step per example, one core each, float32, eager PyTorch. "
       f"{torch_record['device']}; jax {jax_record['jax_version']}, "
@@ -111,7 +111,13 @@ def main(argv=None):
   p.add_argument('--warmup', type=int, default=2)
   p.add_argument('--shapes', default=','.join(SHAPES), help=' | '.join(SHAPES))
   p.add_argument('--out', required=True, help='writes OUT.json and OUT.md')
+  p.add_argument('--table-only', action='store_true',
+                 help='rewrite OUT.md from an existing OUT.json')
   args = p.parse_args(argv)
+  if args.table_only:
+    with open(args.out + '.md', 'w') as f:
+      f.write(table(json.load(open(args.out + '.json'))))
+    return 0
   args.shapes = args.shapes.split(',')
   for shape in args.shapes:
     if shape not in SHAPES:

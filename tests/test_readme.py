@@ -124,14 +124,17 @@ def test_results_table_equals_the_reports():
   lowdata = report_finals('results/paper_lowdata/report.md')
   nf_twin = report_finals('results/nf_twin/report.md')
   small_batch = report_finals('results/small_batch/report.md')
+  dp = report_finals('results/dp/report.md')
 
-  def mean(run):  # Of seeds 0 and 1, as README rounds it.
-    return f'{(float(nf_twin[run + "0"][1]) + float(nf_twin[run + "1"][1])) / 2:.2f}'
+  def mean(run, report=nf_twin):  # Of seeds 0 and 1, as README rounds it.
+    return f'{(float(report[run + "0"][1]) + float(report[run + "1"][1])) / 2:.2f}'
 
   want = {'the paper': (small['t1_bn_small'][1], small['t2_wn_clip_lr0p01_small'][1]),
           'low-data': (lowdata['t1_bn_lowdata'][1], lowdata['t2_wn_clip_lr0p01_lowdata'][1]),
           'normalizer-free': (mean('bn_seed'), mean('nf_seed')),
-          'global batch 8': (small_batch['b8_bn'][1], small_batch['b8_nf'][1])}
+          'global batch 8': (small_batch['b8_bn'][1], small_batch['b8_nf'][1]),
+          # Batch norm cannot be trained with DP-SGD: its row has no BN number.
+          'DP-SGD': ('—', mean('eps3_seed', dp))}
   assert len(rows) == len(want)
   for start, (bn, bn_free) in want.items():
     row, = (row for label, row in rows.items() if label.startswith(start))
