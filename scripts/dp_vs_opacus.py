@@ -29,8 +29,10 @@ SHAPES = {  # name -> (width, stem, image size, batch size)
 
 
 def _run(cmd, env):
+  """cmd's stdout; the command goes to stderr first."""
   print('+', ' '.join(cmd), file=sys.stderr, flush=True)
-  subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, check=True)
+  return subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, check=True,
+                        stdout=subprocess.PIPE, text=True).stdout
 
 
 def measure(args):
@@ -48,12 +50,10 @@ def measure(args):
              {'JAX_NUM_CPU_DEVICES': '1',
               'XLA_FLAGS': '--xla_cpu_multi_thread_eigen=false'})
         jax_records = json.load(open(out))
-        peer = subprocess.run(
-            ['taskset', '-c', str(args.core), args.peer_python,
-             os.path.join(REPO, 'bnfree_jax', 'bench', 'torch_peer.py'), '--norms', 'group,dp',
-             '--modes', 'eager', '--compute-dtype', 'float32', '--device', 'cpu', *geometry,
-             *common], cwd=REPO, env={**os.environ, 'OMP_NUM_THREADS': '1'},
-            check=True, stdout=subprocess.PIPE, text=True).stdout
+        peer = _run(['taskset', '-c', str(args.core), args.peer_python,
+                     os.path.join(REPO, 'bnfree_jax', 'bench', 'torch_peer.py'),
+                     '--norms', 'group,dp', '--modes', 'eager', '--compute-dtype', 'float32',
+                     '--device', 'cpu', *geometry, *common], {'OMP_NUM_THREADS': '1'})
         torch_records = [json.loads(line) for line in peer.splitlines() if line.startswith('{')]
         for record in jax_records + torch_records:
           records.append(dict(record, round=r, shape=shape))
@@ -104,7 +104,7 @@ def table(records):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  p.add_argument('--peer-python', required=True, help='a Python with torch, torchvision, opacus')
+  p.add_argument('--peer-python', help='a Python with torch, torchvision, opacus (to measure)')
   p.add_argument('--core', type=int, default=0)
   p.add_argument('--rounds', type=int, default=2)
   p.add_argument('--steps', type=int, default=5)
@@ -118,6 +118,8 @@ def main(argv=None):
     with open(args.out + '.md', 'w') as f:
       f.write(table(json.load(open(args.out + '.json'))))
     return 0
+  if not args.peer_python:
+    p.error('--peer-python is needed to measure (only --table-only goes without it)')
   args.shapes = args.shapes.split(',')
   for shape in args.shapes:
     if shape not in SHAPES:

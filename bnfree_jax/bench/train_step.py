@@ -455,7 +455,8 @@ def markdown_table(records):
     lines.append(
         f"| {r['model']} | {r['variant']}{finite} | {r['step_time_ms']:.0f} "
         f"[{r['step_time_ms_min']:.0f}–{r['step_time_ms_max']:.0f}] | {r['step_cpu_ms']:.0f} | "
-        f"{r['images_per_sec']:.1f} | {ratio} | {common.cell(r['compile_s'], '.1f')} | {gflops} | {rate} | "
+        f"{r['images_per_sec']:.1f} | {ratio} | {common.cell(r['compile_s'], '.1f')} | "
+        f"{gflops} | {rate} | "
         f"{common.mb(r.get('temp_bytes'))} | {common.mb(r.get('argument_bytes'))} | "
         f"{common.mb(r.get('peak_bytes'))} |")
   return '\n'.join(lines) + '\n'
