@@ -20,9 +20,9 @@ def tiny_config(**overrides):
   """The paper's recipe (weight-normalized ResNet-18 with dropout, warm-up
   then linear decay, log-scheduled clipping) at toy size: width 8 on 16-px
   synthetic images of 4 classes, global batch 16, 16 steps per epoch, 40
-  steps. At base_lr 0.1 the loss falls well within them, and 1 vs 4 devices
-  stay within 1e-7 at step 16; at 0.05 the trajectory is chaotic enough to
-  amplify summation-order rounding to 1e-3 by then.
+  steps. At base_lr 0.1 the loss falls well within them; past the 4-step
+  warm-up the trajectory is chaotic enough to amplify rounding (see
+  test_train's one-device test).
 
   overrides: {'dotted.key': value}, applied last. Every test run built on
   this shares its compiled programs with the others through JAX's persistent

@@ -126,15 +126,20 @@ def test_event_file_holds_promised_tags(run4):
     assert all(h[:, 2].sum() == -(-size // stride) for _, h in hists), group
 
 
-def test_one_device_equals_four_devices(run4, tmp_path):
-  """Same parameters up to float summation order, compared at the first
-  checkpoint (step 16): the drift from rounding grows with every step, as it
-  does between any two GPU models, so later steps would only measure chaos."""
-  workdir = str(tmp_path)
-  train.train_and_evaluate(tiny_config(), workdir, devices=jax.devices()[:1])
-  one = flat(final_state(workdir, step=16)[1]['params'])
-  four = flat(final_state(run4[0], step=16)[1]['params'])
-  # They agree to 5e-8 of the norm and 1.2e-7 in the worst entry (of |x| < 2).
+def test_one_device_equals_four_devices(tmp_path):
+  """The first 4 steps (the warm-up) on one device and on four give the same
+  parameters up to float summation order. Not later: at the full learning
+  rate this tiny run is chaotic, and a rounding difference that flips one
+  ReLU grows from 1e-8 to 1e-3 of the norm within 4 steps (measured with
+  other codegen: XLA's -O0, or the 1x1 convolutions as dots), as it would
+  between any two GPU models."""
+  config = tiny_config(num_train_steps=4)
+  runs = {}
+  for n in (1, 4):
+    runs[n] = str(tmp_path / str(n))
+    train.train_and_evaluate(config, runs[n], devices=jax.devices()[:n])
+  one, four = (flat(final_state(runs[n], step=4)[1]['params']) for n in (1, 4))
+  # Seen: 1.4e-8 of the norm, 1.2e-7 in the worst entry (of |x| < 2).
   assert np.linalg.norm(one - four) < 1e-6 * np.linalg.norm(four)
   np.testing.assert_allclose(one, four, rtol=0, atol=1e-6)
 
