@@ -1,7 +1,7 @@
 """Weight-normalized (Salimans & Kingma 2016) and scaled weight-standardized
 (Brock et al. 2021) convolutions, the former's data-dependent init, a cheaper
-dropout, stochastic depth, batch norm with per-device statistics, and a max
-pool whose gradient is cheap on CPU."""
+dropout, stochastic depth, batch norm with per-device statistics, and a
+convolution and a max pool whose gradients are cheap on CPU."""
 
 import functools
 from collections.abc import Callable, Sequence
@@ -18,6 +18,56 @@ HE_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 # Keeps 1/sigma finite for a channel that is constant on the init batch.
 _DDI_EPS = 1e-6
+
+
+def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
+         padding: str | Sequence[tuple[int, int]]) -> jax.Array:
+  """lax.conv_general_dilated of NHWC x and an HWIO kernel.
+
+  On CPU a 1x1 convolution without padding is a strided slice and a dot:
+  XLA:CPU computes a convolution's filter gradient after transposing both
+  activations, and for 1x1 kernels that made it 2-9x slower than the dot's
+  (results/bench/cpu_gap.md); forward and input gradient are no slower.
+  """
+  strides = tuple(strides)
+  unpadded = isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding)
+  if jax.default_backend() == 'cpu' and kernel.shape[:2] == (1, 1) and unpadded:
+    # Without padding a 1x1 window sees the pixels s * o: 'SAME' pads none either.
+    x = x[:, ::strides[0], ::strides[1]]
+    return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+  return lax.conv_general_dilated(x, kernel, strides, padding,
+                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _conv_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, strides: Sequence[int],
+               padding: str | Sequence[tuple[int, int]], dtype: Any) -> jax.Array:
+  """conv() plus bias (None: none), in dtype as flax's nn.Conv computes."""
+  x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=dtype)
+  y = conv(x, kernel, strides, padding)
+  return y if bias is None else y + bias
+
+
+class Conv(nn.Module):
+  """nn.Conv's 2-D NHWC case (the same parameters, the same output) through
+  conv(), so cheaper to train on CPU."""
+
+  features: int
+  kernel_size: Sequence[int]
+  strides: Sequence[int] = (1, 1)
+  padding: str | Sequence[tuple[int, int]] = 'SAME'
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable = nn.initializers.lecun_normal()  # nn.Conv's.
+  bias_init: Callable = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', self.kernel_init,
+                        (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+    return _conv_bias(x, kernel, bias, self.strides, self.padding, self.dtype)
 
 
 def _channel_norm(v: jax.Array) -> jax.Array:
@@ -53,11 +103,7 @@ class WNConv(nn.Module):
 
   @nn.nowrap
   def conv(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> jax.Array:
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = lax.conv_general_dilated(
-        x, kernel, window_strides=tuple(self.strides), padding=self.padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y if bias is None else y + bias
+    return _conv_bias(x, kernel, bias, self.strides, self.padding, self.dtype)
 
 
 # The ReLU's gamma of Brock et al. 2021 (timm's _nonlin_gamma['relu']):
@@ -98,11 +144,7 @@ class WSConv(nn.Module):
     mean = jnp.mean(w, axis=(0, 1, 2))
     var = jnp.var(w, axis=(0, 1, 2))
     kernel = (w - mean) * (lax.rsqrt(var + self.eps) * gain * (self.gamma * fan_in**-0.5))
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    y = lax.conv_general_dilated(
-        x, kernel, window_strides=tuple(self.strides), padding=self.padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y + bias
+    return _conv_bias(x, kernel, bias, self.strides, self.padding, self.dtype)
 
 
 class Dropout(nn.Module):

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnfree_jax.models.layers import HE_INIT, Dropout, GroupedBatchNorm, WNConv, max_pool
+from bnfree_jax.models.layers import HE_INIT, Conv, Dropout, GroupedBatchNorm, WNConv, max_pool
 
 # A flax layer constructor: functools.partial of a module class, called with name=.
 ModuleDef = Any
@@ -27,7 +27,7 @@ LAYERS = {
     # 0.1 weighs the new batch; flax's weighs the running mean. bn_groups > 1:
     # statistics per device (DDP's), else over the global batch (synchronized BN).
     'batch': lambda m, train: (
-        functools.partial(nn.Conv, use_bias=False, kernel_init=HE_INIT, dtype=m.dtype),
+        functools.partial(Conv, use_bias=False, kernel_init=HE_INIT, dtype=m.dtype),
         functools.partial(GroupedBatchNorm, num_groups=m.bn_groups, use_running_average=not train,
                           momentum=0.9, epsilon=1e-5, dtype=m.dtype) if m.bn_groups > 1 else
         functools.partial(nn.BatchNorm, use_running_average=not train, momentum=0.9,
@@ -35,13 +35,13 @@ LAYERS = {
     'weight': lambda m, train: (
         functools.partial(WNConv, kernel_init=HE_INIT, dtype=m.dtype), None),
     'none': lambda m, train: (
-        functools.partial(nn.Conv, use_bias=True, kernel_init=HE_INIT, dtype=m.dtype), None),
+        functools.partial(Conv, use_bias=True, kernel_init=HE_INIT, dtype=m.dtype), None),
     # Statistics per example (Wu & He 2018): no example sees another's, so
     # per-example gradients (DP-SGD) stay the examples' own. Every layer's
     # channel count is a multiple of the width, so gcd(gn_groups, width)
     # groups divide them all; torch's GroupNorm epsilon.
     'group': lambda m, train: (
-        functools.partial(nn.Conv, use_bias=False, kernel_init=HE_INIT, dtype=m.dtype),
+        functools.partial(Conv, use_bias=False, kernel_init=HE_INIT, dtype=m.dtype),
         functools.partial(nn.GroupNorm, num_groups=math.gcd(m.gn_groups, m.width),
                           epsilon=1e-5, dtype=m.dtype)),
 }

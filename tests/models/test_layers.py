@@ -9,7 +9,7 @@ import pytest
 
 from bnfree_jax.models import (RELU_GAMMA, DropPath, Dropout, ResNet18, WNConv, WSConv,
                                data_dependent_init)
-from bnfree_jax.models.layers import GroupedBatchNorm, cpu_max_pool, max_pool
+from bnfree_jax.models.layers import Conv, GroupedBatchNorm, conv, cpu_max_pool, max_pool
 
 
 RNG = np.random.default_rng(0)
@@ -366,3 +366,39 @@ def test_max_pool_on_cpu_is_cpu_max_pool():
       lambda x, w, s, p: nn.max_pool(x, w, strides=s, padding=p))
   assert 'select_and_scatter' not in grad_program(max_pool)
 
+
+@pytest.mark.parametrize('kernel,strides,padding', [
+    (1, 1, ((0, 0), (0, 0))), (1, 2, ((0, 0), (0, 0))), (1, 2, 'SAME'), (1, 3, 'VALID'),
+    (3, 2, ((1, 1), (1, 1))), (1, 1, ((1, 1), (0, 0)))])
+def test_conv_and_its_gradients_equal_lax_conv(kernel, strides, padding):
+  """To float32 rounding: the 1x1 unpadded ones are dots, whose sums over
+  the input channels round differently; odd sizes, so strides drop pixels."""
+  x, w = _normal(3, 7, 9, 5), _normal(kernel, kernel, 5, 4)
+
+  def reference(x, w):
+    return jax.lax.conv_general_dilated(x, w, (strides, strides), padding,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+  def ours(x, w):
+    return conv(x, w, (strides, strides), padding)
+
+  want, back = jax.vjp(reference, x, w)
+  got, back_ours = jax.vjp(ours, x, w)
+  assert got.shape == want.shape
+  cotangent = _normal(*want.shape)
+  for a, b in zip((got, *back_ours(cotangent)), (want, *back(cotangent))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  is_dot = kernel == 1 and (isinstance(padding, str) or padding[0] == (0, 0))
+  assert ('conv_general_dilated' in str(jax.make_jaxpr(ours)(x, w))) != is_dot
+
+
+def test_conv_module_is_flax_conv():
+  x = _normal(2, 7, 7, 3)
+  for kwargs in (dict(kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1))),
+                 dict(kernel_size=(1, 1), strides=(2, 2), padding=((0, 0), (0, 0)), use_bias=False)):
+    ours, flax_conv = Conv(6, **kwargs), nn.Conv(6, **kwargs)
+    variables = ours.init(KEY, x)
+    jax.tree.map(np.testing.assert_array_equal, variables, flax_conv.init(KEY, x))
+    params = jax.tree.map(lambda p: p + _normal(*p.shape), variables)
+    np.testing.assert_allclose(ours.apply(params, x), flax_conv.apply(params, x),
+                               rtol=1e-5, atol=1e-5)

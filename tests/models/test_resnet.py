@@ -369,8 +369,10 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
   forward = lambda model: lambda v: model.apply(v, X, train=False)
   jaxpr = jax.make_jaxpr(forward(model))(variables).jaxpr
   convs = [e for e in _equations(jaxpr) if e.primitive.name == 'conv_general_dilated']
-  assert len(convs) == 1 + 2 * 8 + 3  # stem, two per block, three projections
-  for eqn in convs + [e for e in _equations(jaxpr) if e.primitive.name == 'dot_general']:
+  dots = [e for e in _equations(jaxpr) if e.primitive.name == 'dot_general']
+  # Stem, two per block, three projections (dots on CPU: layers.conv), the head.
+  assert len(convs) + len(dots) == 1 + 2 * 8 + 3 + 1
+  for eqn in convs + dots:
     assert [v.aval.dtype for v in (*eqn.invars, *eqn.outvars)] == [jnp.bfloat16] * 3, eqn
   float32 = _tiny('resnet18', 'weight')
   logits, reference = jax.jit(lambda v: (forward(model)(v), forward(float32)(v)))(variables)
