@@ -452,15 +452,18 @@ def test_divergence_watch_resumes_from_the_logged_losses(tmp_path):
 
 
 def test_a_run_that_falls_to_chance_saves_says_so_and_stops(reference, tmp_path, monkeypatch):
-  """From step 20 on every label is shifted by one class: the loss, 1.29 at
-  step 20 (5% under chance, ln 4 = 1.386), is at 30 above chance. With
-  patience 1 and chance_drop 0.05 the run stops there, saved, 10 steps early."""
+  """From step 20 on every label is shifted by one class and every image
+  scaled by 4, so that the network's confidence in the old labels costs: the
+  loss, 1.29 at step 20 (5% under chance, ln 4 = 1.386), is 1.70 at 30 (with
+  the shift alone 1.383 or 1.39, as the rounding fell). With patience 1 and
+  chance_drop 0.05 the run stops there, saved, 10 steps early."""
   config_path, _ = reference
   real = input_pipeline.train_batches
 
   def train_batches(config, *, start_step, **kw):
     for step, batch in enumerate(real(config, start_step=start_step, **kw), start_step):
-      yield {**batch, 'label': (batch['label'] + 1) % 4} if step >= 20 else batch
+      yield ({**batch, 'image': 4 * batch['image'], 'label': (batch['label'] + 1) % 4}
+             if step >= 20 else batch)
   monkeypatch.setattr(input_pipeline, 'train_batches', train_batches)
   config = load(config_path, **{'divergence.patience': 1, 'divergence.chance_drop': 0.05})
   with pytest.raises(train.Diverged) as e:
