@@ -47,9 +47,9 @@ def _conv_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, strides:
   return y if bias is None else y + bias
 
 
-class Conv(nn.Module):
-  """nn.Conv's 2-D NHWC case (the same parameters, the same output) through
-  conv(), so cheaper to train on CPU."""
+class _Conv2D(nn.Module):
+  """The fields every 2-D NHWC convolution here shares with nn.Conv; the
+  kernel is HWIO, as nn.Conv's."""
 
   features: int
   kernel_size: Sequence[int]
@@ -61,12 +61,25 @@ class Conv(nn.Module):
   kernel_init: Callable = nn.initializers.lecun_normal()  # nn.Conv's.
   bias_init: Callable = nn.initializers.zeros
 
+  @nn.nowrap
+  def kernel_shape(self, x: jax.Array) -> tuple[int, ...]:
+    return (*self.kernel_size, x.shape[-1], self.features)
+
+  @nn.nowrap
+  def bias_param(self) -> jax.Array | None:
+    """The (features,) bias, declared in the caller's compact scope; None without."""
+    return (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+            if self.use_bias else None)
+
+
+class Conv(_Conv2D):
+  """nn.Conv's 2-D NHWC case (the same parameters, the same output) through
+  conv(), so cheaper to train on CPU."""
+
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param('kernel', self.kernel_init,
-                        (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
-    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
+    kernel = self.param('kernel', self.kernel_init, self.kernel_shape(x), self.param_dtype)
+    bias = self.bias_param()
     return _conv_bias(x, kernel, bias, self.strides, self.padding, self.dtype)
 
 
@@ -75,30 +88,20 @@ def _channel_norm(v: jax.Array) -> jax.Array:
   return jnp.sqrt(jnp.sum(jnp.square(v), axis=(0, 1, 2)))
 
 
-class WNConv(nn.Module):
+class WNConv(_Conv2D):
   """2-D convolution whose kernel is g * v / ||v||, the norm per output channel.
 
   g starts at ||v||, as in PyTorch's weight_norm, so the initial kernel is v
   itself (flax's nn.WeightNorm would start every filter at unit norm instead).
   """
 
-  features: int
-  kernel_size: Sequence[int]
-  strides: Sequence[int] = (1, 1)
-  padding: str | Sequence[tuple[int, int]] = 'SAME'
-  use_bias: bool = True
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
   kernel_init: Callable = HE_INIT
-  bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    v = self.param('v', self.kernel_init,
-                   (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    v = self.param('v', self.kernel_init, self.kernel_shape(x), self.param_dtype)
     g = self.param('g', lambda _: _channel_norm(v))
-    bias = (self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-            if self.use_bias else None)
+    bias = self.bias_param()
     return self.conv(x, v * (g / _channel_norm(v)), bias)
 
   @nn.nowrap
@@ -111,7 +114,7 @@ class WNConv(nn.Module):
 RELU_GAMMA = 1.7139588594436646
 
 
-class WSConv(nn.Module):
+class WSConv(_Conv2D):
   """2-D convolution with scaled weight standardization, as timm's ScaledStdConv2d.
 
   kernel = gain * gamma * (w - mean) / sqrt(var + eps) / sqrt(fan_in), mean and
@@ -120,26 +123,18 @@ class WSConv(nn.Module):
   (1e-5), not ScaledStdConv2d's own 1e-6 default.
   """
 
-  features: int
-  kernel_size: Sequence[int]
-  strides: Sequence[int] = (1, 1)
-  padding: str | Sequence[tuple[int, int]] = 'SAME'
   gamma: float = 1.0
   eps: float = 1e-5
   gain_init: float = 1.0
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
   # timm's kaiming_normal_(mode='fan_in', nonlinearity='linear'): N(0, 1 / fan_in).
   kernel_init: Callable = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
-  bias_init: Callable = nn.initializers.zeros
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    w = self.param('kernel', self.kernel_init,
-                   (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    w = self.param('kernel', self.kernel_init, self.kernel_shape(x), self.param_dtype)
     gain = self.param('gain', nn.initializers.constant(self.gain_init), (self.features,),
                       self.param_dtype)
-    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+    bias = self.bias_param()
     fan_in = w.shape[0] * w.shape[1] * w.shape[2]
     mean = jnp.mean(w, axis=(0, 1, 2))
     var = jnp.var(w, axis=(0, 1, 2))
