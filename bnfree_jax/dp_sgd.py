@@ -6,6 +6,7 @@ samples the batches and accounts for the privacy spent.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 AUGMENT_PAD = 4  # Pixels of pad-crop (reflected), as CIFAR's usual 4.
 # Keeps C / ||g|| finite for a zero gradient and the clipped norm strictly
@@ -50,6 +51,10 @@ def gaussian_noise(key: jax.Array, like, std) -> dict:
   whole tree, a function of the key alone, so every device and every mesh
   size adds the same noise."""
   leaves, treedef = jax.tree.flatten(like)
-  keys = jax.random.split(key, len(leaves))
-  return jax.tree.unflatten(treedef, [std * jax.random.normal(k, x.shape, jnp.float32).astype(x.dtype)
-                                      for k, x in zip(keys, leaves)])
+  sizes = [x.size for x in leaves]
+  # One threefry draw, sliced: a draw per leaf (a threefry kernel each) made
+  # XLA:CPU take 6.9 s instead of 4.1 to compile the tests' DP update.
+  flat = std * jax.random.normal(key, (sum(sizes),), jnp.float32)
+  parts = jnp.split(flat, np.cumsum(sizes)[:-1])
+  return jax.tree.unflatten(treedef, [p.reshape(x.shape).astype(x.dtype)
+                                      for p, x in zip(parts, leaves)])
