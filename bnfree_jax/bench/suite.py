@@ -127,7 +127,7 @@ def plan(args):
 
 def _e2e_job(args, dtype, first):
   """200 steps of the trainer itself with the *_wn recipe of the last model
-  that has one, on synthetic data of the bench's size."""
+  that has one, on synthetic data of the bench's size, at its width and stem."""
   model = next((m for m in reversed(args.models)
                 if importlib.util.find_spec(f'configs.{m}_wn')), None)
   if not (args.e2e_steps and model):
@@ -141,7 +141,8 @@ def _e2e_job(args, dtype, first):
                                                         if args.dry_run else 1000),
                               # 16 steps an epoch: the epoch boundaries stay rare.
                               'synthetic.num_train': 16 * batch,
-                              'synthetic.num_eval': batch},
+                              'synthetic.num_eval': batch,
+                              'model.width': args.width, 'model.stem': args.stem},
       batch_size=batch, num_train_steps=steps, compute_dtype=dtype,
       log_every_steps=max(1, steps // 10), eval_every_steps=steps,
       checkpoint_every_steps=steps, histogram_every_steps=steps)
