@@ -166,8 +166,13 @@ class Dropout(nn.Module):
     *lead, channels = x.shape
     pairs = jax.random.bits(self.make_rng('dropout'), (*lead, (channels + 1) // 2), jnp.uint32)
     u16 = lax.bitcast_convert_type(pairs, jnp.uint16).reshape(*lead, -1)[..., :channels]
-    kept = u16 <= jnp.uint16(round(keep * 65536) - 1)
-    return lax.select(kept, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+    return _rescale_kept(x, u16 <= jnp.uint16(round(keep * 65536) - 1), keep)
+
+
+def _rescale_kept(x: jax.Array, kept: jax.Array, keep: float) -> jax.Array:
+  """Inverted dropout's output: x / keep where `kept` (broadcast to x), else 0."""
+  return lax.select(jnp.broadcast_to(kept, x.shape), x / jnp.asarray(keep, x.dtype),
+                    jnp.zeros_like(x))
 
 
 def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
@@ -311,8 +316,7 @@ class DropPath(nn.Module):
       return x
     keep = 1.0 - self.rate
     kept = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return lax.select(jnp.broadcast_to(kept, x.shape), x / jnp.asarray(keep, x.dtype),
-                      jnp.zeros_like(x))
+    return _rescale_kept(x, kept, keep)
 
 
 def data_dependent_init(model: nn.Module, variables: Any, batch: jax.Array,
