@@ -142,7 +142,28 @@ class WSConv(_Conv2D):
     return _conv_bias(x, kernel, bias, self.strides, self.padding, self.dtype)
 
 
-class Dropout(nn.Module):
+class _InvertedDropout(nn.Module):
+  """Zeroes the entries of x that kept() leaves out, with probability `rate`,
+  and scales the others by 1 / (1 - rate); identity when deterministic."""
+
+  rate: float
+  deterministic: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    return lax.select(jnp.broadcast_to(self.kept(x, keep), x.shape),
+                      x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+  @nn.nowrap
+  def kept(self, x: jax.Array, keep: float) -> jax.Array:
+    """A boolean mask that broadcasts to x, True with probability keep."""
+    raise NotImplementedError
+
+
+class Dropout(_InvertedDropout):
   """nn.Dropout with a mask from 16-bit uniforms, two per 32-bit random draw.
 
   flax draws 32 random bits per element, and on XLA:CPU that mask costs
@@ -155,24 +176,12 @@ class Dropout(nn.Module):
   is sharded.
   """
 
-  rate: float
-  deterministic: bool = False
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if self.deterministic or self.rate == 0.0:
-      return x
-    keep = 1.0 - self.rate
+  @nn.nowrap
+  def kept(self, x: jax.Array, keep: float) -> jax.Array:
     *lead, channels = x.shape
     pairs = jax.random.bits(self.make_rng('dropout'), (*lead, (channels + 1) // 2), jnp.uint32)
     u16 = lax.bitcast_convert_type(pairs, jnp.uint16).reshape(*lead, -1)[..., :channels]
-    return _rescale_kept(x, u16 <= jnp.uint16(round(keep * 65536) - 1), keep)
-
-
-def _rescale_kept(x: jax.Array, kept: jax.Array, keep: float) -> jax.Array:
-  """Inverted dropout's output: x / keep where `kept` (broadcast to x), else 0."""
-  return lax.select(jnp.broadcast_to(kept, x.shape), x / jnp.asarray(keep, x.dtype),
-                    jnp.zeros_like(x))
+    return u16 <= jnp.uint16(round(keep * 65536) - 1)
 
 
 def max_pool(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
@@ -302,21 +311,15 @@ class GroupedBatchNorm(nn.Module):
     return jnp.asarray(y.reshape(x.shape), dtype)
 
 
-class DropPath(nn.Module):
+class DropPath(_InvertedDropout):
   """Stochastic depth as timm's DropPath: each example's input zeroed with
   probability `rate`, kept ones scaled by 1 / (1 - rate); the mask is drawn
   from the 'dropout' rng."""
 
-  rate: float
-  deterministic: bool = False
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    if self.deterministic or self.rate == 0.0:
-      return x
-    keep = 1.0 - self.rate
-    kept = jax.random.bernoulli(self.make_rng('dropout'), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-    return _rescale_kept(x, kept, keep)
+  @nn.nowrap
+  def kept(self, x: jax.Array, keep: float) -> jax.Array:
+    return jax.random.bernoulli(self.make_rng('dropout'), keep,
+                                (x.shape[0],) + (1,) * (x.ndim - 1))
 
 
 def data_dependent_init(model: nn.Module, variables: Any, batch: jax.Array,
