@@ -5,7 +5,9 @@ bench trace and the step's optimized HLO:
       python -m bnfree_jax.bench --models resnet18 --variants weight --steps 3 --trace TRACE
   python scripts/xla_cpu_profile.py DUMP TRACE --steps 3 --batch-size 16
 
-(results/bench/cpu_gap.md has its tables.)
+(results/bench/cpu_gap.md has its tables.) For the DP-SGD step, trace the
+bench's `--variants dp` and give `--program accumulate`: its per-example
+gradients of one micro-batch.
 
 Each thunk of the trace is the HLO instruction of its name; its class comes
 from the instruction's op_name (what JAX traced it from): the max pool's
@@ -32,9 +34,9 @@ LINE = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{[^}]*\})? (\S+?)\(')
 OP_NAME = re.compile(r'op_name="([^"]*)"')
 
 
-def instructions(dump):
-  """name -> (opcode, output shape, op_name) of the train step's entry computation."""
-  path, = glob.glob(f'{dump}/*jit_train_step*cpu_after_optimizations.txt')
+def instructions(dump, program='train_step'):
+  """name -> (opcode, output shape, op_name) of the jitted program's entry computation."""
+  path, = glob.glob(f'{dump}/*jit_{program}.cpu_after_optimizations.txt')
   out, entry = {}, False
   for line in open(path):
     entry = entry or line.startswith('ENTRY')
@@ -77,8 +79,11 @@ def main():
   p.add_argument('trace')
   p.add_argument('--steps', type=int, required=True, help='timed steps in the trace')
   p.add_argument('--batch-size', type=int, required=True, help='per device')
+  p.add_argument('--program', default='train_step',
+                 help="the jitted program to classify: train_step, or DP-SGD's accumulate "
+                      '(its per-example gradients of one micro-batch)')
   args = p.parse_args()
-  hlo = instructions(args.dump)
+  hlo = instructions(args.dump, args.program)
   path, = glob.glob(f'{args.trace}/**/perfetto_trace.json.gz', recursive=True)
   events = json.load(gzip.open(path))
   events = events['traceEvents'] if isinstance(events, dict) else events
