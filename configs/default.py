@@ -32,7 +32,9 @@ def get_config():
 
   c.model = ml_collections.ConfigDict(dict(
       name='resnet18',      # resnet18|34|50|101|152, nf_resnet18|26|34|50|101
-      norm='batch',         # batch | weight | group | none; nf_*: scaled_ws (their only one)
+      # batch | weight | group | group_ws (weight-standardized convs + GroupNorm) | none;
+      # nf_*: scaled_ws (their only one)
+      norm='batch',
       width=64,
       dropout_rate=0.0,
       # Dropout before the classifier (resnet*); -1 -> dropout_rate, as in the blocks.
@@ -43,7 +45,7 @@ def get_config():
       # norm='batch': 'global' statistics over the whole batch (synced BN), or
       # 'per_device' over each device's shard, as PyTorch DataParallel/DDP.
       bn_stats='global',
-      # norm='group': GroupNorm with gcd(gn_groups, width) groups in every layer.
+      # norm='group(_ws)': GroupNorm with gcd(gn_groups, width) groups in every layer.
       gn_groups=16,
   ))
 

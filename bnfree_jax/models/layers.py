@@ -126,14 +126,16 @@ class WSConv(_Conv2D):
   gamma: float = 1.0
   eps: float = 1e-5
   gain_init: float = 1.0
+  # False: no gain (1), for a conv that a GroupNorm follows, whose scale is the gain.
+  use_gain: bool = True
   # timm's kaiming_normal_(mode='fan_in', nonlinearity='linear'): N(0, 1 / fan_in).
   kernel_init: Callable = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     w = self.param('kernel', self.kernel_init, self.kernel_shape(x), self.param_dtype)
-    gain = self.param('gain', nn.initializers.constant(self.gain_init), (self.features,),
-                      self.param_dtype)
+    gain = (self.param('gain', nn.initializers.constant(self.gain_init), (self.features,),
+                       self.param_dtype) if self.use_gain else 1.0)
     bias = self.bias_param()
     fan_in = w.shape[0] * w.shape[1] * w.shape[2]
     mean = jnp.mean(w, axis=(0, 1, 2))

@@ -15,10 +15,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from bnfree_jax.models.layers import HE_INIT, Conv, Dropout, GroupedBatchNorm, WNConv, max_pool
+from bnfree_jax.models.layers import (HE_INIT, Conv, Dropout, GroupedBatchNorm, WNConv, WSConv,
+                                     max_pool)
 
 # A flax layer constructor: functools.partial of a module class, called with name=.
 ModuleDef = Any
+
+
+def _group_norm(m) -> ModuleDef:
+  return functools.partial(nn.GroupNorm, num_groups=math.gcd(m.gn_groups, m.width),
+                           epsilon=1e-5, dtype=m.dtype)
+
 
 # norm -> (conv, norm layer or None) for a ResNet `m` (its dtype, bn_groups,
 # gn_groups) in train mode or not: a new kind is one entry here.
@@ -42,8 +49,11 @@ LAYERS = {
     # groups divide them all; torch's GroupNorm epsilon.
     'group': lambda m, train: (
         functools.partial(Conv, use_bias=False, kernel_init=HE_INIT, dtype=m.dtype),
-        functools.partial(nn.GroupNorm, num_groups=math.gcd(m.gn_groups, m.width),
-                          epsilon=1e-5, dtype=m.dtype)),
+        _group_norm(m)),
+    # De et al. 2022's layer for DP-SGD: a weight-standardized conv, then GroupNorm.
+    'group_ws': lambda m, train: (
+        functools.partial(WSConv, use_bias=False, use_gain=False, dtype=m.dtype),
+        _group_norm(m)),
 }
 NORMS = tuple(LAYERS)
 STEMS = ('imagenet', 'small')

@@ -86,10 +86,10 @@ def test_module_names_and_feature_map_shapes(norm):
   x = jnp.zeros((1, 224, 224, 3))
   params = _abstract_variables(model, x)['params']
   blocks = {f'stage{i}_block{j}' for i in range(1, 5) for j in range(2)}
-  bn = norm in ('batch', 'group')  # A norm layer after each conv.
+  bn = norm in ('batch', 'group', 'group_ws')  # A norm layer after each conv.
   assert set(params) == blocks | {'stem_conv', 'head'} | ({'stem_norm'} if bn else set())
   conv_params = {'batch': {'kernel'}, 'weight': {'v', 'g', 'bias'}, 'none': {'kernel', 'bias'},
-                 'group': {'kernel'}}
+                 'group': {'kernel'}, 'group_ws': {'kernel'}}
   block = params['stage2_block0']
   expected = {'conv1', 'conv2', 'proj_conv'} | ({'norm1', 'norm2', 'proj_norm'} if bn else set())
   assert set(block) == expected
@@ -147,8 +147,9 @@ def _check_step(out, params):
 # Compiled and run: ResNet-18 under every norm (bottleneck blocks run in the remat test).
 # The deeper nets only repeat the same blocks, and compiling them would cost minutes of
 # CPU, so they are traced (shapes and dtypes); ResNet-101/152, the slowest to trace,
-# under the paper's norm only.
-REAL = [('resnet18', norm) for norm in NORMS]
+# under the paper's norm only. 'group_ws' is 'group' with another conv layer, whose
+# forward pass and gradients test_matches_a_lax_reference pins: not compiled again here.
+REAL = [('resnet18', norm) for norm in NORMS if norm != 'group_ws']
 TRACED = ([(name, norm) for name in ('resnet34', 'resnet50') for norm in NORMS]
           + [('resnet101', 'weight'), ('resnet152', 'weight')])
 
@@ -183,15 +184,18 @@ def _reference(variables, x, norm, train):
 
   def conv(path, x, stride):
     q = _at(params, path)
-    kernel = (q['v'] * q['g'] / jnp.sqrt(jnp.sum(q['v']**2, axis=(0, 1, 2)))
-              if norm == 'weight' else q['kernel'])
+    kernel = q['v'] * q['g'] / jnp.sqrt(jnp.sum(q['v']**2, axis=(0, 1, 2))) if norm == 'weight' \
+        else q['kernel']
+    if norm == 'group_ws':  # Standardized per output channel over the fan-in, He-scaled.
+      w = kernel.reshape(-1, kernel.shape[-1])
+      kernel = (kernel - w.mean(0)) / jnp.sqrt(w.var(0) + 1e-5) / math.sqrt(w.shape[0])
     pad = kernel.shape[0] // 2
     y = jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(pad, pad)] * 2,
                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y if norm in ('batch', 'group') else y + q['bias']
+    return y if norm in ('batch', 'group', 'group_ws') else y + q['bias']
 
   def bn(path, y):
-    if norm == 'group':  # Per example, over gcd(16, width) groups of channels.
+    if norm in ('group', 'group_ws'):  # Per example, over gcd(16, width) groups of channels.
       groups = math.gcd(16, params['stem_conv']['kernel'].shape[-1])
       g = y.reshape(*y.shape[:3], groups, -1)
       mean, var = g.mean((1, 2, 4), keepdims=True), g.var((1, 2, 4), keepdims=True)
