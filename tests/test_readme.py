@@ -125,6 +125,7 @@ def test_results_table_equals_the_reports():
   nf_twin = report_finals('results/nf_twin/report.md')
   small_batch = report_finals('results/small_batch/report.md')
   dp = report_finals('results/dp/report.md')
+  dp_ws = report_finals('results/dp/group_ws/report.md')
 
   def mean(run, report=nf_twin):  # Of seeds 0 and 1, as README rounds it.
     return f'{(float(report[run + "0"][1]) + float(report[run + "1"][1])) / 2:.2f}'
@@ -135,7 +136,9 @@ def test_results_table_equals_the_reports():
           'global batch 8': (small_batch['b8_bn'][1], small_batch['b8_nf'][1]),
           # Batch norm cannot be trained with DP-SGD: its row has no BN number.
           'DP-SGD at ε = 3, δ = 1e-5 (full data, 6': ('—', mean('eps3_seed', dp)),
-          'DP-SGD at ε = 3, δ = 1e-5 (full data, 30': ('—', mean('eps3_e30_seed', dp))}
+          'DP-SGD at ε = 3, δ = 1e-5 (full data, 30 epochs), mean': ('—', mean('eps3_e30_seed', dp)),
+          'DP-SGD at ε = 3, δ = 1e-5 (full data, 30 epochs), the recipe': (
+              '—', dp_ws['ws_e30_seed0'][1])}
   assert len(rows) == len(want)
   for start, (bn, bn_free) in want.items():
     row, = (row for label, row in rows.items() if label.startswith(start))
