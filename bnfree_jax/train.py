@@ -136,7 +136,7 @@ def setup(config, devices=None) -> Setup:
     extra['drop_path_rate'] = config.model.drop_path_rate
   if config.model.head_dropout_rate >= 0:
     extra['head_dropout_rate'] = config.model.head_dropout_rate
-  if config.model.norm in ('group', 'group_ws'):
+  if config.model.norm in models.GROUP_NORMS:
     extra['gn_groups'] = config.model.gn_groups
   if config.model.bn_stats == 'per_device':
     check(config.model.norm == 'batch',
@@ -170,7 +170,7 @@ def _check_dp(config, info, num_devices: int, total_steps: int) -> dict:
   check(config.model.norm != 'batch',
         "dp.enabled=True with model.norm='batch': batch norm mixes the examples of a batch, "
         "so an example's gradient is not its own and clipping it bounds nothing; use "
-        "model.norm='weight', 'group', 'group_ws' or 'none', or an nf_* model")
+        f"model.norm in {[n for n in models.NORMS if n != 'batch']} or an nf_* model")
   check(not config.model.wn_data_init,
         'dp.enabled=True with model.wn_data_init=True: that init reads training examples '
         'outside the private mechanism; set it False')

@@ -21,6 +21,7 @@ from bnfree_jax.models.nf_resnet import (
     NFResNet101,
 )
 from bnfree_jax.models.resnet import (
+    GROUP_NORMS,
     LAYERS,
     NORMS,
     STEMS,
@@ -55,7 +56,7 @@ def create_model(name: str, **kwargs) -> ResNet | NFResNet:
 
 
 __all__ = [
-    'LAYERS', 'MODELS', 'NORMS', 'RELU_GAMMA', 'STEMS', 'BasicBlock', 'BottleneckBlock', 'DropPath',
+    'GROUP_NORMS', 'LAYERS', 'MODELS', 'NORMS', 'RELU_GAMMA', 'STEMS', 'BasicBlock', 'BottleneckBlock', 'DropPath',
     'Dropout', 'NFBasicBlock', 'NFBottleneckBlock', 'NFResNet', 'NFResNet18', 'NFResNet26',
     'NFResNet34', 'NFResNet50', 'NFResNet101', 'ResNet', 'ResNet18', 'ResNet34', 'ResNet50',
     'ResNet101', 'ResNet152', 'WNConv', 'WSConv', 'create_model', 'data_dependent_init',

@@ -56,6 +56,8 @@ LAYERS = {
         _group_norm(m)),
 }
 NORMS = tuple(LAYERS)
+# The norms whose GroupNorm layers take the ResNet's gn_groups.
+GROUP_NORMS = ('group', 'group_ws')
 STEMS = ('imagenet', 'small')
 
 
@@ -148,7 +150,7 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   head_dropout_rate: float | None = None  # Before the classifier; None: dropout_rate.
   bn_groups: int = 1  # norm='batch': batch statistics per this many slices (devices).
-  gn_groups: int = 16  # norm='group': at most this many groups (gcd with the width).
+  gn_groups: int = 16  # GROUP_NORMS: at most this many groups (gcd with the width).
 
   def __post_init__(self):
     if self.norm not in NORMS:

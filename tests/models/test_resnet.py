@@ -184,8 +184,8 @@ def _reference(variables, x, norm, train):
 
   def conv(path, x, stride):
     q = _at(params, path)
-    kernel = q['v'] * q['g'] / jnp.sqrt(jnp.sum(q['v']**2, axis=(0, 1, 2))) if norm == 'weight' \
-        else q['kernel']
+    kernel = (q['v'] * q['g'] / jnp.sqrt(jnp.sum(q['v']**2, axis=(0, 1, 2)))
+              if norm == 'weight' else q['kernel'])
     if norm == 'group_ws':  # Standardized per output channel over the fan-in, He-scaled.
       w = kernel.reshape(-1, kernel.shape[-1])
       kernel = (kernel - w.mean(0)) / jnp.sqrt(w.var(0) + 1e-5) / math.sqrt(w.shape[0])
