@@ -33,7 +33,7 @@ import sys
 import numpy as np
 from absl import flags
 
-from bnfree_jax.main import CONFIG_ERRORS, EXIT_NONFINITE, HELP_FLAGS, config_error, parse_flags
+from bnfree_jax.main import EXIT_NONFINITE, parse_cli
 from bnfree_jax.workdir import EXIT_BAD_INPUT
 
 BETA = 0.98     # fastai's smoothing.
@@ -137,18 +137,9 @@ def write_plot(path, lrs, losses, smoothed, steepest, largest, title):
 
 
 def run(argv=None) -> int:
-  argv = sys.argv if argv is None else argv
-  if any(a in HELP_FLAGS for a in argv[1:]):
-    print(__doc__)
-    return 0
-  try:
-    fv = parse_flags(argv, _flags)
-    error = _check_flags(fv)
-  except CONFIG_ERRORS as e:
-    error = config_error(e)
-  if error:
-    print(f'error: {error}', file=sys.stderr)
-    return EXIT_BAD_INPUT
+  fv, code = parse_cli(sys.argv if argv is None else argv, _flags, _check_flags, __doc__)
+  if fv is None:
+    return code
   config = fv.config
 
   import optax

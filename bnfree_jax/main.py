@@ -114,18 +114,32 @@ def config_error(error: Exception) -> str:
   return lines[-1] if lines else type(error).__name__
 
 
-def run(argv=None) -> int:
-  argv = sys.argv if argv is None else argv
+def parse_cli(argv, define, check, doc):
+  """(flag values, None) for a good command line; else (None, exit code)
+  after printing `doc` for a help flag, or the one-line error that parsing
+  (parse_flags with define) or check(flag values) -> error or None gave."""
   if any(a in HELP_FLAGS for a in argv[1:]):
-    print(__doc__)
-    return 0
+    print(doc)
+    return None, 0
   try:
-    fv = parse_flags(argv, _run_flags)
-    if fv['config'].present == 0 or fv.workdir is None:
-      return _fail(EXIT_BAD_INPUT, '--config and --workdir are both required')
-    config, workdir = fv.config, fv.workdir
+    fv = parse_flags(argv, define)
+    error = check(fv)
   except CONFIG_ERRORS as e:
-    return _fail(EXIT_BAD_INPUT, config_error(e))
+    error = config_error(e)
+  return (None, _fail(EXIT_BAD_INPUT, error)) if error else (fv, None)
+
+
+def _check_run_flags(fv):
+  if fv['config'].present == 0 or fv.workdir is None:
+    return '--config and --workdir are both required'
+  return None
+
+
+def run(argv=None) -> int:
+  fv, code = parse_cli(sys.argv if argv is None else argv, _run_flags, _check_run_flags, __doc__)
+  if fv is None:
+    return code
+  config, workdir = fv.config, fv.workdir
   logging.basicConfig(level=logging.INFO, format='%(asctime)s %(message)s',
                       datefmt='%H:%M:%S', force=True)
   # Keep the console to our progress lines: orbax logs every save in detail.
