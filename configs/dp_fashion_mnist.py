@@ -62,6 +62,11 @@ EPYC, shared by the trials):
   norm), 6 epochs, seed 0: 82.40 % at step 117 (8 groups: 82.60), 85.46 at
   234 (85.48), 86.24 % at the end (EMA 86.09; 8 groups: 86.03): no
   difference beyond the seeds' spread; the recipe keeps 8.
+- Augmentation multiplicity 2 (dp.augmult=2: pad-4 crop and flip) for 3
+  epochs, the 6-epoch proxy's compute (174 steps, sigma 0.772), seed 0:
+  76.31 % at step 117, 77.88 % at the end (EMA 77.74; train top-1 on the
+  augmented copies 76 %) against 86.03 without augmentation: at this
+  compute the augmented task is too hard to fit in half the steps.
 """
 
 from configs import default
