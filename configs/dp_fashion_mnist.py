@@ -8,8 +8,8 @@ Fashion-MNIST: (epsilon = 3, delta = 1e-5) over the whole run.
 The network is a ResNet-18 at width 8 with the small stem, with GroupNorm
 where BN was (Opacus's substitution; nothing mixes the examples of a batch)
 and weight-standardized convolutions (model.norm='group_ws', De et al.
-2022's layer for DP-SGD). Every example is in each step's batch with probability
-1024 / 60000; each example's gradient is clipped to norm 1; the noise
+2022's layer for DP-SGD). Every example is in each step's batch with
+probability 1024 / 60000; each example's gradient is clipped to norm 1; the noise
 multiplier is calibrated before training so that the planned 1740 steps (30
 epochs) spend epsilon 3 at delta 1e-5 (PLD accountant): sigma 1.232. SGD
 with momentum 0.9, a half-epoch warm-up and cosine decay, an EMA of the
@@ -20,8 +20,8 @@ min on an Intel Ice Lake host whose speed wandered down to 230 images/s;
 
 Status: 88.30 % test top-1 at epsilon 3 (mean of seeds 0 and 1: 88.14 and
 88.46; EMA 88.17 and 88.44), above the published end-to-end CNN (86.1 %)
-and below ScatterNet + linear (89.7 %) and the issue's target (>= 90.0 %). With plain convolutions
-(model.norm='group') the same schedule gave 87.35 % (mean of seeds 0 and
+and below ScatterNet + linear (89.7 %) and the issue's target (>= 90.0 %).
+With plain convolutions (model.norm='group') the same schedule gave 87.35 % (mean of seeds 0 and
 1: 86.98 and 87.72; EMA 86.97 and 87.65), and its 6-epoch schedule
 (--config.num_epochs=6: 348 steps, sigma 0.844) gave 84.67 and 85.18 %
 (seeds 0, 1), 83.45 % at epsilon 1 and 85.35 % at epsilon 8
