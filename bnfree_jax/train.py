@@ -445,6 +445,11 @@ def jit_train_step(s: Setup):
     sums = zeros(state.params)
     for batch in microbatches:
       sums = accumulate(state, sums, batch)
+      # One micro-batch in flight, as evaluate keeps one batch: with a
+      # step's dozens of launches queued at once, 2 CPU devices deadlocked
+      # in the all-reduce, one device's part waiting for its peer's, which
+      # never ran (every other worker thread waited for a launch slot).
+      jax.block_until_ready(sums)
     return apply(state, sums)
   return dp_step
 

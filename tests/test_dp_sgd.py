@@ -5,6 +5,10 @@ that resumes bit for bit."""
 
 import functools
 import math
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +16,7 @@ import numpy as np
 import pytest
 
 from bnfree_jax import dp_sgd, input_pipeline, metrics, privacy, report, runtime, train
+from conftest import REPO
 from test_train_state import StopAt, logged, saved
 
 STEPS, NUM_TRAIN, BATCH = 10, 64, 16
@@ -159,6 +164,40 @@ def test_the_update_is_the_same_on_1_2_and_4_devices(first_steps):
     jax.tree.map(np.testing.assert_array_equal, start, params0)
     jax.tree.map(np.testing.assert_array_equal, z, noise)  # The same draw, bit for bit.
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), p, params)
+
+
+# 100 micro-batches a step on a client of 2 CPU devices (the trainer's on a
+# 2-core host; with 4, as the tests have, it did not happen): with them all
+# queued at once, jaxlib 0.10's CPU client deadlocked in the all-reduce within
+# the first step, every time tried.
+MANY_MICROBATCHES = textwrap.dedent("""
+    import sys
+    import jax
+    import numpy as np
+    sys.path.insert(0, 'tests')
+    from bnfree_jax import runtime, train
+    from test_dp_sgd import dp_config
+    s = train.setup(dp_config(**{'dp.microbatch_size': 2}))
+    state = train.init_state(s)
+    data = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec('data'))
+    rows = {'image': np.zeros((2, 8, 8, 3), np.float32), 'label': np.zeros(2, np.int32),
+            'index': np.zeros(2, np.int32), 'mask': np.ones(2, bool)}
+    microbatches = [runtime.global_array(data, rows) for _ in range(100)]
+    step = train.jit_train_step(s)
+    for _ in range(3):
+      state, finite = step(state, microbatches)
+    print(int(state.step), bool(finite))
+""")
+
+
+def test_a_step_of_many_microbatches_does_not_deadlock():
+  """In a subprocess, so that a deadlock fails the test at its timeout
+  instead of hanging the suite."""
+  out = subprocess.run([sys.executable, '-c', MANY_MICROBATCHES], capture_output=True,
+                       text=True, timeout=240, cwd=REPO,
+                       env={**os.environ, 'JAX_NUM_CPU_DEVICES': '2'})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split() == ['3', 'True']
 
 
 def test_the_update_is_the_noisy_sum_over_the_expected_batch(one_device, first_steps):
