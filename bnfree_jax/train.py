@@ -149,7 +149,9 @@ def setup(config, devices=None) -> Setup:
       dtype=COMPUTE_DTYPES[config.compute_dtype], **extra)
   optimizer = optim.create_optimizer(config, steps_per_epoch, total_steps,
                                      models.weight_decay_mask)
-  if config.histogram_layer:
+  # Under DP no gradient summary is written (it would publish the
+  # non-private gradient), so the layer is not checked there.
+  if config.histogram_layer and not config.dp.enabled:
     # Key and image made inside eval_shape: created eagerly, they would be
     # computations compiled and run before the config is fully checked.
     params = jax.eval_shape(lambda: model.init(

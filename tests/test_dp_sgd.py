@@ -124,6 +124,16 @@ def test_padded_rows_change_nothing(one_device):
   assert all(np.all(x == 0) for x in jax.tree.leaves(empty))
 
 
+def test_the_histogram_layer_is_not_asked_for_under_dp():
+  """No gradient summary is written under DP, so a ResNet-10, which has no
+  stage2_block1, trains with the default histogram_layer."""
+  c = dp_config(**{'model.name': 'resnet10'})
+  assert c.histogram_layer == 'stage2_block1/conv2'
+  assert train.setup(c).model.stage_sizes == (1, 1, 1, 1)
+  with pytest.raises(train.InputError, match="'stage2_block1/conv2' is not a layer of resnet10"):
+    train.setup(dp_config(**{'model.name': 'resnet10', 'dp.enabled': False}))
+
+
 def test_noise_has_std_sigma_c():
   like = {'a': jnp.zeros((300, 100)), 'b': {'c': jnp.zeros((5, 5, 40, 40))}}
   std = 0.7 * 0.5

@@ -162,6 +162,8 @@ def cli(tmp_path_factory):
                                               workdir=root / 'same_model'),
                                          f'workdir {root}/same_model holds a run with '
                                          'train_subset=-1, not 64: use another --workdir'),
+      'histogram layer': (argv('hl', '--config.histogram_layer=stage9_block0/conv1'),
+                          "histogram_layer='stage9_block0/conv1' is not a layer of resnet18"),
       'dp with batch norm': (argv('dpb', '--config.dp.enabled=True', '--config.dp.noise_multiplier=1',
                                   '--config.model.norm=batch'),
                              "dp.enabled=True with model.norm='batch': batch norm mixes the "

@@ -191,12 +191,13 @@ class ResNet(nn.Module):
     return x.astype(jnp.float32)
 
 
+ResNet10 = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), block_cls=BasicBlock)
 ResNet18 = functools.partial(ResNet, stage_sizes=(2, 2, 2, 2), block_cls=BasicBlock)
 ResNet34 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BasicBlock)
 ResNet50 = functools.partial(ResNet, stage_sizes=(3, 4, 6, 3), block_cls=BottleneckBlock)
 ResNet101 = functools.partial(ResNet, stage_sizes=(3, 4, 23, 3), block_cls=BottleneckBlock)
 ResNet152 = functools.partial(ResNet, stage_sizes=(3, 8, 36, 3), block_cls=BottleneckBlock)
 
-MODELS = {'resnet18': ResNet18, 'resnet34': ResNet34, 'resnet50': ResNet50,
+MODELS = {'resnet10': ResNet10, 'resnet18': ResNet18, 'resnet34': ResNet34, 'resnet50': ResNet50,
           'resnet101': ResNet101, 'resnet152': ResNet152}
 

@@ -58,7 +58,9 @@ def _step(model):
   return run
 
 
-TORCHVISION_PARAMS = {'resnet18': 11_689_512, 'resnet34': 21_797_672, 'resnet50': 25_557_032,
+# resnet10: torchvision.models.resnet.ResNet(BasicBlock, [1, 1, 1, 1]), which
+# torchvision does not name.
+TORCHVISION_PARAMS = {'resnet10': 5_418_792, 'resnet18': 11_689_512, 'resnet34': 21_797_672, 'resnet50': 25_557_032,
                       'resnet101': 44_549_160, 'resnet152': 60_192_808}
 
 
@@ -410,8 +412,9 @@ def test_create_model_by_name():
   assert create_model('ResNet152').stage_sizes == (3, 8, 36, 3)
   assert create_model('resnet101').block_cls is BottleneckBlock
   assert {name for name in MODELS if name.startswith('resnet')} == {
-      'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'}
-  with pytest.raises(ValueError, match="'resnet19' is not one of: resnet18, resnet34, resnet50"):
+      'resnet10', 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152'}
+  assert create_model('resnet10').stage_sizes == (1, 1, 1, 1)
+  with pytest.raises(ValueError, match="'resnet19' is not one of: resnet10, resnet18, resnet34"):
     create_model('resnet19')
 
 
