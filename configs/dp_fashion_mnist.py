@@ -86,6 +86,14 @@ EPYC, shared by the trials):
   warm-up 1 epoch, seed 0: 83.88 % at step 117 (ResNet-18 at batch 1024:
   82.60), 86.20 at 234 (85.48), 86.57 % at the end (EMA 86.51; 86.03):
   +0.5, the seeds' spread.
+- ResNet-10 on the recipe's schedule (batch 1024, 30 epochs, sigma
+  1.232), seed 0: 83.65 % at step 234 (ResNet-18, seeds 0 / 1: 83.35 /
+  84.45), 85.52 at 585 (85.99 / 86.31), 86.92 at 936 (87.16 / 87.11),
+  87.74 at 1170 (87.65 / 87.89): level with ResNet-18 at about half its
+  compute. Paused at step 1183 at a session's end; rerunning the same
+  command with --workdir runs/r10_e30_seed0 resumes it. Next: its end,
+  then ResNet-10 at batch 2048 for 60 epochs (1740 steps, sigma 2.134) in
+  the recipe's time.
 """
 
 from configs import default
