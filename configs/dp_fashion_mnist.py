@@ -90,10 +90,9 @@ EPYC, shared by the trials):
   1.232), seed 0: 83.65 % at step 234 (ResNet-18, seeds 0 / 1: 83.35 /
   84.45), 85.52 at 585 (85.99 / 86.31), 86.92 at 936 (87.16 / 87.11),
   87.74 at 1170 (87.65 / 87.89): level with ResNet-18 at about half its
-  compute. Paused at step 1183 at a session's end; rerunning the same
-  command with --workdir runs/r10_e30_seed0 resumes it. Next: its end,
-  then ResNet-10 at batch 2048 for 60 epochs (1740 steps, sigma 2.134) in
-  the recipe's time.
+  compute. Paused at step 1183 at a session's end, to be resumed from its
+  checkpoint; then ResNet-10 at batch 2048 for 60 epochs (1740 steps,
+  sigma 2.134) in the recipe's time.
 """
 
 from configs import default
