@@ -183,16 +183,13 @@ def test_the_update_is_the_same_on_1_2_and_4_devices(first_steps):
 MANY_MICROBATCHES = textwrap.dedent("""
     import sys
     import jax
-    import numpy as np
     sys.path.insert(0, 'tests')
     from bnfree_jax import runtime, train
-    from test_dp_sgd import dp_config
+    from test_dp_sgd import dp_config, microbatch
     s = train.setup(dp_config(**{'dp.microbatch_size': 2}))
     state = train.init_state(s)
     data = jax.sharding.NamedSharding(s.mesh, jax.sharding.PartitionSpec('data'))
-    rows = {'image': np.zeros((2, 8, 8, 3), np.float32), 'label': np.zeros(2, np.int32),
-            'index': np.zeros(2, np.int32), 'mask': np.ones(2, bool)}
-    microbatches = [runtime.global_array(data, rows) for _ in range(100)]
+    microbatches = [runtime.global_array(data, microbatch(s, [0, 1], [True, True]))] * 100
     step = train.jit_train_step(s)
     state, finite = step(state, microbatches)
     print(int(state.step), bool(finite))

@@ -60,8 +60,8 @@ def _step(model):
 
 # resnet10: torchvision.models.resnet.ResNet(BasicBlock, [1, 1, 1, 1]), which
 # torchvision does not name.
-TORCHVISION_PARAMS = {'resnet10': 5_418_792, 'resnet18': 11_689_512, 'resnet34': 21_797_672, 'resnet50': 25_557_032,
-                      'resnet101': 44_549_160, 'resnet152': 60_192_808}
+TORCHVISION_PARAMS = {'resnet10': 5_418_792, 'resnet18': 11_689_512, 'resnet34': 21_797_672,
+                      'resnet50': 25_557_032, 'resnet101': 44_549_160, 'resnet152': 60_192_808}
 
 
 @pytest.mark.parametrize('name', TORCHVISION_PARAMS)
