@@ -64,7 +64,7 @@ def test_dp_row_is_held_against_its_nonprivate_twin(tmp_path, capsys):
   """'dp' (issue 20): the trainer's DP-SGD step on one micro-batch of the
   whole batch, timed beside 'group', the same network without privacy."""
   out = tmp_path / 'bench.json'
-  assert cli.main(['--models', 'resnet18', '--variants', 'group,dp', '--width', '8',
+  assert cli.main(['--models', 'resnet10', '--variants', 'group,dp', '--width', '8',
                    '--image-size', '16', '--batch-size', '4', '--steps', '3', '--warmup', '1',
                    '--json', str(out)]) == 0
   group, dp = json.loads(out.read_text())
@@ -74,7 +74,7 @@ def test_dp_row_is_held_against_its_nonprivate_twin(tmp_path, capsys):
   assert dp['ratio_to_nonprivate'] == pytest.approx(statistics.median(
       d / g for d, g in zip(dp['step_times_ms'], group['step_times_ms'])))
   assert 'ratio_to_nonprivate' not in group
-  row, = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| resnet18 | dp')]
+  row, = [line for line in capsys.readouterr().out.splitlines() if line.startswith('| resnet10 | dp')]
   assert f"× group: {dp['ratio_to_nonprivate']:.2f} (" in row and ' | — | — |' in row
   c = train_step.variant_config('resnet18', 'dp', 16, 28, 8)
   assert (c.dp.enabled, c.dp.microbatch_size, c.dp.noise_multiplier, c.dp.l2_clip) == (
