@@ -123,13 +123,16 @@ def test_fine_tuning_loads_all_but_a_head_of_another_class_count(reference, tmp_
     jax.tree.map(np.testing.assert_array_equal, value, want)
   assert int(state.step) == 0
 
-  # Through the trainer: it trains from there, and a rerun resumes its own run.
-  train.train_and_evaluate(config(**{'synthetic.num_classes': 3, 'init_from': str(reference),
-                                     'ema_decay': 0.0, 'num_train_steps': 2}), str(tmp_path))
+  # Through the trainer: it trains from there, and a rerun resumes its own run
+  # (the same config both times, so that the step is compiled once).
+  tuned = config(**{'synthetic.num_classes': 3, 'init_from': str(reference), 'ema_decay': 0.0,
+                    'num_train_steps': 3})
+  with pytest.raises(train.Preempted):
+    train.train_and_evaluate(tuned, str(tmp_path), stop=StopAt(2))
   with caplog.at_level(logging.INFO):
-    train.train_and_evaluate(config(**{'synthetic.num_classes': 3, 'init_from': str(reference),
-                                       'ema_decay': 0.0, 'num_train_steps': 3}), str(tmp_path))
+    train.train_and_evaluate(tuned, str(tmp_path))
   assert 'ignored: the run resumes from its own checkpoint' in caplog.text
+  assert int(saved(tmp_path, 3)['step']) == 3
 
 
 def test_fine_tuning_from_another_model_is_refused(reference, tmp_path):
