@@ -272,7 +272,9 @@ def _privacy_utility_figure(runs):
   ax.set(title='Privacy and utility (open: EMA weights; stars: published)',
          xlabel='ε spent (at each run\'s δ)', ylabel='test top-1 (%)')
   ax.grid(alpha=0.3)
-  ax.legend(fontsize=7, loc='lower right')
+  # Below the axes: runs of one epsilon stack in one column, where any
+  # legend inside would cover some of them.
+  fig.legend(fontsize=7, loc='outside lower center', ncol=3)
   return fig
 
 
