@@ -85,7 +85,8 @@ def existing_run(workdir, width):
   (workdir / 'checkpoints' / '8' / '_CHECKPOINT_METADATA').write_text('{}')
   (workdir / 'config.json').write_text(json.dumps({
       'dataset': 'synthetic', 'lr_schedule': {'base_lr': 0.1},
-      'model': {'name': 'resnet18', 'norm': 'weight', 'width': width, 'stem': 'small'}}))
+      'model': {'name': helpers.tiny_config().model.name, 'norm': 'weight', 'width': width,
+                'stem': 'small'}}))
   return workdir
 
 
@@ -163,7 +164,8 @@ def cli(tmp_path_factory):
                                          f'workdir {root}/same_model holds a run with '
                                          'train_subset=-1, not 64: use another --workdir'),
       'histogram layer': (argv('hl', '--config.histogram_layer=stage9_block0/conv1'),
-                          "histogram_layer='stage9_block0/conv1' is not a layer of resnet18"),
+                          "histogram_layer='stage9_block0/conv1' is not a layer of "
+                          f'{helpers.tiny_config().model.name}'),
       'dp with batch norm': (argv('dpb', '--config.dp.enabled=True', '--config.dp.noise_multiplier=1',
                                   '--config.model.norm=batch'),
                              "dp.enabled=True with model.norm='batch': batch norm mixes the "

@@ -20,6 +20,7 @@ from bnfree_jax import report
 from conftest import REPO
 
 STEPS = 16
+MODEL = helpers.tiny_config().model.name
 
 # Batch norm, whose statistics span the global batch, so across processes;
 # no dropout: its threefry bits triple the compile time on CPU, and the three
@@ -85,7 +86,7 @@ def test_two_processes_train_exactly_like_one_process_with_two_devices(tmp_path)
     two, one = two_processes('a'), start('one', 'one', 2)
     # Both processes are past their input checks once process 0 states its
     # plan; the first step still has to compile.
-    wait_for_text(logs / 'two.a.0.log', 'Training resnet18', two)
+    wait_for_text(logs / 'two.a.0.log', f'Training {MODEL}', two)
     two[1].send_signal(signal.SIGTERM)
     wait({'two.a.0': two[0], 'two.a.1': two[1]}, 75)
     log0, log1 = ((logs / f'two.a.{i}.log').read_text() for i in (0, 1))
@@ -113,7 +114,7 @@ def test_two_processes_train_exactly_like_one_process_with_two_devices(tmp_path)
   assert all(f.startswith('events.out.tfevents.') for f in files[2:]), files  # One per attempt.
   assert helpers.checkpoint_steps(tmp_path / 'two') == sorted({stopped, 8, STEPS})
   log0, log1 = ((logs / f'two.b.{i}.log').read_text() for i in (0, 1))
-  assert 'resnet18 (norm=batch)' in log0 and 'global batch 16 over 2 devices' in log0, log0
+  assert f'{MODEL} (norm=batch)' in log0 and 'global batch 16 over 2 devices' in log0, log0
   assert f'steps {stopped}..{STEPS} of {STEPS}' in log0, log0
   assert f'step {STEPS}/{STEPS}' in log0, log0
   assert 'step ' not in log1, log1

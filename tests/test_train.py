@@ -108,16 +108,16 @@ def test_event_file_holds_promised_tags(run4):
   # block, 3 projections, head) and a histogram of every size // 16,384-th
   # gradient entry per stage and of config.histogram_layer.
   layers = {t for t in values if t.startswith('grad_norm/')}
-  assert len(layers) == 1 + 2 * 8 + 3 + 1 and 'grad_norm/stage1_block0/conv1' in layers
+  assert len(layers) == 1 + 2 * 4 + 3 + 1 and 'grad_norm/stage1_block0/conv1' in layers
   assert all([s for s, _ in values[t]] == [0, 20] for t in layers)
   params = final_state(run4[0], STEPS)[1]['params']
   sizes = {}
   for name, layer in params.items():
     stage = name.split('_')[0]
     sizes[stage] = sizes.get(stage, 0) + sum(x.size for x in jax.tree.leaves(layer))
-  assert tiny_config().histogram_layer == 'stage2_block1/conv2'
-  sizes['stage2_block1.conv2'] = sum(
-      x.size for x in jax.tree.leaves(params['stage2_block1']['conv2']))
+  assert tiny_config().histogram_layer == 'stage2_block0/conv2'
+  sizes['stage2_block0.conv2'] = sum(
+      x.size for x in jax.tree.leaves(params['stage2_block0']['conv2']))
   assert set(run.hists) == {f'grad_log10_magnitude/{group}' for group in sizes}
   for group, size in sizes.items():
     hists = run.hists[f'grad_log10_magnitude/{group}']
