@@ -27,7 +27,7 @@ def _images_per_sec_agree(r):
 
 def test_tiny_train_step_bench(tmp_path, capsys):
   out, md, trace = tmp_path / 'bench.json', tmp_path / 'bench.md', tmp_path / 'trace'
-  code = cli.main(['--models', 'resnet18', '--variants', 'batch,weight', '--width', '8',
+  code = cli.main(['--models', 'resnet10', '--variants', 'batch,weight', '--width', '8',
                    '--image-size', '32', '--batch-size', '4', '--steps', '3',
                    '--warmup', '1', '--json', str(out), '--md', str(md), '--trace', str(trace)])
   assert code == 0
@@ -35,7 +35,7 @@ def test_tiny_train_step_bench(tmp_path, capsys):
   assert [r['variant'] for r in records] == ['batch', 'weight']
   for r in records:
     assert set(KEYS) <= set(r), set(KEYS) - set(r)
-    assert (r['model'], r['batch_size'], r['image_size'], r['width']) == ('resnet18', 4, 32, 8)
+    assert (r['model'], r['batch_size'], r['image_size'], r['width']) == ('resnet10', 4, 32, 8)
     for key in ('step_time_ms', 'images_per_sec', 'compile_s', 'flops_per_step',
                 'temp_bytes', 'argument_bytes'):
       assert r[key] > 0, key
@@ -54,7 +54,7 @@ def test_tiny_train_step_bench(tmp_path, capsys):
 
   table = capsys.readouterr().out
   assert md.read_text().strip() == table.strip()
-  rows = [line for line in table.splitlines() if line.startswith('| resnet18 |')]
+  rows = [line for line in table.splitlines() if line.startswith('| resnet10 |')]
   assert [row.split(' | ')[1] for row in rows] == ['batch', 'weight']
   assert rows[1].split(' | ')[5].startswith(f"{records[1]['ratio_to_batch']:.2f} (")
   assert rows[1].split(' | ')[3] == f"{records[1]['step_cpu_ms']:.0f}"

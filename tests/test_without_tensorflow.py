@@ -57,6 +57,7 @@ def test_synthetic_run_writes_events_without_tensorflow(tmp_path):
       'bnfree_jax.main', '--config', 'configs/resnet18_wn.py', '--workdir', str(workdir),
       '--config.dataset=synthetic', '--config.synthetic.image_size=8',
       '--config.synthetic.num_train=64', '--config.synthetic.num_eval=8',
+      '--config.model.name=resnet10', '--config.histogram_layer=stage2_block0/conv2',
       '--config.model.width=4', '--config.model.stem=small', '--config.batch_size=16',
       '--config.num_train_steps=6', '--config.log_every_steps=3',
       '--config.histogram_every_steps=3', '--config.checkpoint_every_steps=6')
