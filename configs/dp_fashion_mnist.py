@@ -94,6 +94,17 @@ EPYC, shared by the trials):
   88.46): level with ResNet-18 at about half its compute (1740 x 1024
   images at the logs' median 470 images/s, always shared with another
   run; about 45 min alone). Resumed once from its checkpoint.
+- ResNet-10 at lr 0.5, 30 epochs, seed 0: 79.51 % at step 117, 83.61 at
+  234, 84.51 at 351, 85.17 at 468, 85.58 at 585 (lr 1.0: 81.46 / 83.65 /
+  85.14 / 84.91 / 85.52): slower at first, level from step 468; paused at
+  step 596 for the runs below.
+- ResNet-10 with SELU in place of every ReLU (Remerscheid et al. 2022's
+  SmoothNets favour it under DP-SGD; tried by editing models/resnet.py, not
+  an option of the package), 30 epochs, seed 0: 81.93 % at step 117, 83.70
+  at 234, 84.34 at 351 (ReLU: 81.46 / 83.65 / 85.14): no gain; stopped at
+  step 392.
+- ResNet-10 at batch 2048 for 60 epochs (1740 steps, sigma 2.134), seed 0:
+  82.17 % at step 117; paused at step 134 for the runs below.
 """
 
 from configs import default

@@ -21,9 +21,9 @@ def tiny_config(**overrides):
   linear decay, log-scheduled clipping) at toy size: a ResNet-10 (every kind
   of block ResNet-18 has, in two thirds of its compile time, which is most
   of a test's) of width 8 on 16-px synthetic images of 4 classes, global
-  batch 16, 16 steps per epoch, 40 steps. At base_lr 0.1 the loss falls well within them; past the 4-step
-  warm-up the trajectory is chaotic enough to amplify rounding (see
-  test_train's one-device test).
+  batch 16, 16 steps per epoch, 40 steps. At base_lr 0.1 the loss falls
+  well within them; past the 4-step warm-up the trajectory is chaotic
+  enough to amplify rounding (see test_train's one-device test).
 
   overrides: {'dotted.key': value}, applied last. Every test run built on
   this shares its compiled programs with the others through JAX's persistent
