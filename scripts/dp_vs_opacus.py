@@ -7,10 +7,11 @@ core, and each against its own non-private step (issue 20, item 7):
 Each round runs `python -m bnfree_jax.bench --variants group,dp` and then
 torch_peer.py `--norms group,dp` (Opacus), each on one thread pinned to
 --core, alternating so that a change of load hits both. The network is
-torchvision's ResNet-18 with GroupNorm where BN was, in both frameworks:
-the Fashion-MNIST recipe's size (width 8, small stem, 28 px, batch 128, one
-micro-batch) and ImageNet's (width 64, 224 px, batch 16). Writes OUT.json
-(every record, `round` added) and OUT.md (the table).
+torchvision's ResNet with GroupNorm where BN was, in both frameworks: the
+Fashion-MNIST recipe's (configs/dp_fashion_mnist.py: its model and width,
+small stem, 28 px, one micro-batch) and a ResNet-18 at ImageNet's size
+(width 64, 224 px, batch 16). Writes OUT.json (every record, `round` added)
+and OUT.md (the table).
 """
 
 import argparse
@@ -22,9 +23,14 @@ import sys
 import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES = {  # name -> (width, stem, image size, batch size)
-    'recipe': (8, 'small', 28, 128),
-    'imagenet': (64, 'imagenet', 224, 16),
+sys.path.insert(0, REPO)
+from configs import dp_fashion_mnist  # noqa: E402
+
+_RECIPE = dp_fashion_mnist.get_config()
+SHAPES = {  # name -> (model, width, stem, image size, batch size)
+    'recipe': (_RECIPE.model.name, _RECIPE.model.width, _RECIPE.model.stem, 28,
+               _RECIPE.dp.microbatch_size),
+    'imagenet': ('resnet18', 64, 'imagenet', 224, 16),
 }
 
 
@@ -41,8 +47,8 @@ def measure(args):
   with tempfile.TemporaryDirectory() as tmp:
     for r in range(args.rounds):
       for shape in args.shapes:
-        width, stem, size, batch = SHAPES[shape]
-        geometry = ['--models', 'resnet18', '--width', str(width), '--stem', stem,
+        model, width, stem, size, batch = SHAPES[shape]
+        geometry = ['--models', model, '--width', str(width), '--stem', stem,
                     '--image-size', str(size), '--batch-size', str(batch)]
         out = os.path.join(tmp, f'jax_{shape}_{r}.json')
         _run(['taskset', '-c', str(args.core), sys.executable, '-m', 'bnfree_jax.bench',
@@ -82,7 +88,11 @@ def table(records):
       '| bnfree_jax dp ÷ Opacus dp, CPU (wall) |',
       '|---|---|---|---|---|---|---|---|']
   for shape in dict.fromkeys(r['shape'] for r in records):
-    width, stem, size, batch = SHAPES[shape]
+    # From the records (the peer's name the stem too): --table-only may
+    # rewrite a table measured before SHAPES changed.
+    first = next(r for r in records if r['shape'] == shape and r['framework'] == 'torch')
+    model, width, stem, size, batch = (first[k] for k in ('model', 'width', 'stem', 'image_size',
+                                                          'batch_size'))
     cell = {}
     for framework in ('bnfree_jax', 'torch'):
       for variant in ('group', 'dp'):
@@ -93,7 +103,8 @@ def table(records):
     torch_ratio = cell['torch', 'dp'][1] / cell['torch', 'group'][1]
     fmt = lambda c: f'{c[0]:.2f} ({c[1]:.2f})'
     lines.append(
-        f"| ResNet-18 GroupNorm, width {width}, {stem} stem, {size} px, batch {batch} | "
+        f"| {model.replace('resnet', 'ResNet-')} GroupNorm, width {width}, {stem} stem, "
+        f"{size} px, batch {batch} | "
         f"{fmt(cell['bnfree_jax', 'group'])} | {fmt(cell['bnfree_jax', 'dp'])} | "
         f"{jax_ratio:.2f} | {fmt(cell['torch', 'group'])} | {fmt(cell['torch', 'dp'])} | "
         f"{torch_ratio:.2f} (CPU) | "

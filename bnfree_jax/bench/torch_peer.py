@@ -38,7 +38,7 @@ from torch.nn.utils.parametrizations import weight_norm
 NORMS = ('batch', 'weight', 'nf_agc', 'group', 'dp')
 MODES = ('eager', 'compile')
 COMPUTE_DTYPES = ('float32', 'bfloat16')
-MODELS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
+MODELS = ('resnet10', 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152',
           'nf_resnet26', 'nf_resnet50', 'nf_resnet101')
 # The bench's learning rates for its rows: they keep the steps finite, and do
 # not change the work.
@@ -121,7 +121,11 @@ def build(model, norm, width=64, stem='imagenet'):
   # nn.Identity takes (and ignores) the channel count torchvision passes.
   norm_layer = {'batch': nn.BatchNorm2d, 'weight': nn.Identity}.get(
       norm, lambda channels: nn.GroupNorm(math.gcd(GN_GROUPS, width), channels))
-  net = getattr(torchvision.models, model)(num_classes=1000, norm_layer=norm_layer)
+  # torchvision builds ResNet-10 (one BasicBlock a stage) but names no function for it.
+  net = (torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1],
+                                   num_classes=1000, norm_layer=norm_layer)
+         if model == 'resnet10' else
+         getattr(torchvision.models, model)(num_classes=1000, norm_layer=norm_layer))
   if width != 64:
     net = _narrow(net, width)
   if stem == 'small':
