@@ -137,8 +137,10 @@ def test_results_table_equals_the_reports():
           # Batch norm cannot be trained with DP-SGD: its row has no BN number.
           'DP-SGD at ε = 3, δ = 1e-5 (full data, 6': ('—', mean('eps3_seed', dp)),
           'DP-SGD at ε = 3, δ = 1e-5 (full data, 30 epochs), mean': ('—', mean('eps3_e30_seed', dp)),
+          'DP-SGD at ε = 3, δ = 1e-5 (full data, 30 epochs), weight': (
+              '—', mean('ws_e30_seed', dp_ws)),
           'DP-SGD at ε = 3, δ = 1e-5 (full data, 30 epochs), the recipe': (
-              '—', mean('ws_e30_seed', dp_ws))}
+              '—', mean('r10_e30_seed', dp_ws))}
   assert len(rows) == len(want)
   for start, (bn, bn_free) in want.items():
     row, = (row for label, row in rows.items() if label.startswith(start))

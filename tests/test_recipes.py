@@ -38,7 +38,7 @@ def test_dp_recipe_spends_exactly_its_epsilon_over_its_planned_steps():
   s = train.setup(load_config('dp_fashion_mnist.py'))
   c = s.config
   assert (c.model.name, c.model.norm, c.dp.enabled, c.dp.l2_clip, c.dp.delta) == (
-      'resnet18', 'group_ws', True, 1.0, 1e-5)
+      'resnet10', 'group_ws', True, 1.0, 1e-5)
   assert (s.total_steps, s.sampling_rate) == (1740, pytest.approx(1024 / 60000))
   epsilon = privacy.epsilon(s.sampling_rate, s.noise_multiplier, s.total_steps, c.dp.delta)
   assert 2.99 < epsilon <= 3.0
