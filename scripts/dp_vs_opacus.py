@@ -22,10 +22,9 @@ import subprocess
 import sys
 import tempfile
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-from configs import dp_fashion_mnist  # noqa: E402
+from configs import dp_fashion_mnist  # The installed package, as the trainer loads it.
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RECIPE = dp_fashion_mnist.get_config()
 SHAPES = {  # name -> (model, width, stem, image size, batch size)
     'recipe': (_RECIPE.model.name, _RECIPE.model.width, _RECIPE.model.stem, 28,
