@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bnfree_jax import (checkpointing, dp_sgd, input_pipeline, logs, metrics, models, optim,
-                        privacy, runtime, workdir as workdirs)
+from bnfree_jax import (checkpointing, datasets, dp_sgd, input_pipeline, logs, metrics, models,
+                        optim, privacy, runtime, workdir as workdirs)
 from bnfree_jax.workdir import InputError, WriteError, check
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -179,6 +179,11 @@ def _check_dp(config, info, num_devices: int, total_steps: int) -> dict:
   check(config.dataset != 'imagenet2012',
         'dp.enabled=True needs a dataset held in memory (Poisson sampling may pick any '
         'example at any step), not imagenet2012')
+  # The DP input feeds the examples as stored; a resized eval split would test
+  # a network at a size it never trained at.
+  check(datasets.image_size(config) == datasets.native_size(config),
+        f'dp.enabled=True trains on the images as stored ({datasets.native_size(config)} '
+        f'pixels): image_size={config.image_size} is not supported with DP; leave it -1')
   check(dp.sampling in privacy.SAMPLINGS,
         f"dp.sampling={dp.sampling!r} is not one of: {', '.join(privacy.SAMPLINGS)}")
   check(dp.accountant in privacy.ACCOUNTANTS,

@@ -176,6 +176,10 @@ def cli(tmp_path_factory):
                                          '--config.dp.noise_multiplier=1',
                                          '--config.dp.microbatch_size=6'),
                                     'dp.microbatch_size=6 must be a positive multiple of the 4'),
+      'dp with resized images': (argv('dpi', '--config.dp.enabled=True',
+                                      '--config.dp.noise_multiplier=1', '--config.image_size=8'),
+                                 'dp.enabled=True trains on the images as stored (16 pixels): '
+                                 'image_size=8 is not supported with DP; leave it -1'),
       'workdir with a broken config.json': (argv('j', workdir=root / 'broken_run'),
                                             f'{root}/broken_run/config.json is not valid JSON'),
       # Refused before the existing run's config.json is rewritten.
