@@ -140,7 +140,9 @@ def test_results_table_equals_the_reports():
           'DP-SGD at ε = 3, δ = 1e-5 (full data, 30 epochs), weight': (
               '—', mean('ws_e30_seed', dp_ws)),
           'DP-SGD at ε = 3, δ = 1e-5 (full data, 30 epochs), the recipe': (
-              '—', mean('r10_e30_seed', dp_ws))}
+              '—', mean('r10_e30_seed', dp_ws)),
+          'DP-SGD at ε = 1,': ('—', dp_ws['r10_e30_eps1'][1]),
+          'DP-SGD at ε = 8,': ('—', dp_ws['r10_e30_eps8'][1])}
   assert len(rows) == len(want)
   for start, (bn, bn_free) in want.items():
     row, = (row for label, row in rows.items() if label.startswith(start))
