@@ -81,7 +81,7 @@ def _parser():
   p.add_argument('--width', type=int, default=64, help='channels of the first stage')
   p.add_argument('--stem', default='imagenet',
                  help=f'{" | ".join(models.resnet.STEMS)} (small: 3x3 stride 1, no max pool: '
-                 'the Fashion-MNIST twin\'s)')
+                 'the Fashion-MNIST twin\'s; small_s2: the same at stride 2)')
   p.add_argument('--steps', type=int, default=None,
                  help='timed steps per variant (10; the suite: 20)')
   p.add_argument('--warmup', type=int, default=None,

@@ -44,6 +44,8 @@ MODELS = ('resnet10', 'resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet15
 # not change the work.
 BASE_LR = {'batch': 0.1, 'weight': 0.001, 'nf_agc': 0.1, 'group': 0.1, 'dp': 0.1}
 GN_GROUPS = 16  # At most, as bnfree_jax's model.gn_groups: gcd(16, width) groups.
+# bnfree_jax.models.resnet.STEMS' 3x3 stems without max pool -> stride (this file runs without jax).
+SMALL_STEMS = {'small': 1, 'small_s2': 2}
 DP_CLIP, DP_NOISE = 1.0, 1.0  # As bnfree_jax.bench.train_step's 'dp' variant.
 AGC_CLIPPING = 0.01  # configs/nf_resnet50.py's, the classifier unclipped.
 
@@ -113,8 +115,8 @@ def _narrow(net, width):
 
 def build(model, norm, width=64, stem='imagenet'):
   """torchvision's model with BN, or without BN and with weight-normalized
-  convs, optionally narrower and with bnfree_jax's small stem (a 3x3 stride-1
-  conv, no max pool); timm's NF-ResNet."""
+  convs, optionally narrower and with one of bnfree_jax's small stems (a 3x3
+  conv at stride 1 or 2, small_s2, no max pool); timm's NF-ResNet."""
   if norm == 'nf_agc':
     import timm  # Only here: the other rows need no timm.
     return timm.create_model(model, num_classes=1000)
@@ -128,8 +130,8 @@ def build(model, norm, width=64, stem='imagenet'):
          getattr(torchvision.models, model)(num_classes=1000, norm_layer=norm_layer))
   if width != 64:
     net = _narrow(net, width)
-  if stem == 'small':
-    net.conv1 = nn.Conv2d(3, width, 3, stride=1, padding=1, bias=False)
+  if stem in SMALL_STEMS:
+    net.conv1 = nn.Conv2d(3, width, 3, stride=SMALL_STEMS[stem], padding=1, bias=False)
     net.maxpool = nn.Identity()
   if norm == 'weight':
     _weight_norm_convs(net)
@@ -284,7 +286,7 @@ def _rows(args):
   """(model, norm, mode) of every row asked for, eager ones first; raises BadInput."""
   _split(args.compute_dtype, COMPUTE_DTYPES, '--compute-dtype')
   _split(args.device, ('cuda', 'cpu'), '--device')
-  _split(args.stem, ('imagenet', 'small'), '--stem')
+  _split(args.stem, ('imagenet', *SMALL_STEMS), '--stem')
   if args.device == 'cuda' and not torch.cuda.is_available():
     raise BadInput('--device cuda: torch sees no CUDA device; allowed here: cpu')
   for name, value, minimum in (('--batch-size', args.batch_size, 1),
@@ -313,7 +315,8 @@ def main(argv=None):
   p.add_argument('--batch-size', type=int, default=256)
   p.add_argument('--image-size', type=int, default=224)
   p.add_argument('--width', type=int, default=64, help='channels of the first stage')
-  p.add_argument('--stem', default='imagenet', help='imagenet | small (3x3 stride 1, no max pool)')
+  p.add_argument('--stem', default='imagenet',
+                 help='imagenet | small | small_s2 (3x3 stride 1 or 2, no max pool)')
   p.add_argument('--steps', type=int, default=20)
   p.add_argument('--warmup', type=int, default=3)
   p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu',

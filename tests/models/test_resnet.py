@@ -107,6 +107,24 @@ def test_module_names_and_feature_map_shapes(norm):
   assert shapes['stage4_block1'] == (1, 7, 7, 64)
 
 
+def test_the_strided_small_stem_is_the_small_stem_at_every_other_pixel():
+  """stem='small_s2' is 'small' at stride 2: with the same parameters its
+  stem conv gives every other row and column of the stride-1 one, and a
+  28 px image reaches the stages at 14, 7, 4 and 2 px."""
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(1, 28, 28, 3)), jnp.float32)
+  variables = _variables('resnet10', 'group')
+
+  def features(stem):
+    _, state = _tiny('resnet10', 'group', stem=stem).apply(
+        variables, x, train=False, capture_intermediates=True, mutable=['intermediates'])
+    return {k: v['__call__'][0] for k, v in state['intermediates'].items() if k != '__call__'}
+
+  small, strided = features('small'), features('small_s2')
+  np.testing.assert_allclose(strided['stem_conv'], small['stem_conv'][:, ::2, ::2], atol=1e-5)
+  assert [strided[f'stage{i}_block0'].shape[1] for i in range(1, 5)] == [14, 7, 4, 2]
+  assert [small[f'stage{i}_block0'].shape[1] for i in range(1, 5)] == [28, 14, 7, 4]
+
+
 def test_bottleneck_uses_stride_on_3x3_and_expands_by_4():
   model = ResNet50(norm='batch', width=8)
   x = jnp.zeros((1, 64, 64, 3))
