@@ -334,3 +334,26 @@ def test_suite_dry_run_without_tensorflow(tmp_path):
   assert e2e['images_per_sec'] > 0 and e2e['steps'] == 4
   assert e2e['loop_vs_step'] == pytest.approx(
       e2e['images_per_sec'] / jax_rows['weight_clip_dropout+bf16']['images_per_sec'])
+
+
+def test_torch_peer_mirrors_bnfree_jax_constants():
+  """torch_peer.py runs without jax, so it keeps its own copies of the
+  geometry and learning rates it must share with bnfree_jax: read them from
+  its source (CI has no torch) and hold them to the originals."""
+  import ast
+  import dataclasses
+
+  from bnfree_jax import models
+  from bnfree_jax.models import resnet
+  source = ast.parse(open(os.path.join(os.path.dirname(train_step.__file__), 'torch_peer.py')).read())
+  peer = {node.targets[0].id: ast.literal_eval(node.value) for node in source.body
+          if isinstance(node, ast.Assign) and len(node.targets) == 1
+          and isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper()
+          and isinstance(node.value, (ast.Constant, ast.Dict, ast.Tuple))}
+  assert peer['SMALL_STEMS'] == {name: stride for name, (kernel, stride, pool) in resnet.STEMS.items()
+                                 if (kernel, pool) == (3, False)}
+  gn_groups = {f.name: f.default for f in dataclasses.fields(resnet.ResNet)}['gn_groups']
+  assert peer['GN_GROUPS'] == gn_groups
+  assert set(peer['MODELS']) <= set(models.MODELS)
+  assert peer['COMPUTE_DTYPES'] == train_step.COMPUTE_DTYPES
+  assert peer['BASE_LR'] == {v: train_step.VARIANTS[v]['base_lr'] for v in peer['BASE_LR']}
