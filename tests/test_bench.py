@@ -2,6 +2,7 @@
 bad input. Derived figures are checked against the timings they come from;
 no assertion is about speed."""
 
+import ast
 import json
 import os
 import statistics
@@ -10,6 +11,7 @@ import sys
 
 import pytest
 
+from bnfree_jax import models
 from bnfree_jax.bench import __main__ as cli
 from bnfree_jax.bench import common, cpu_flags, suite, train_step
 from conftest import FAST_COMPILE
@@ -340,20 +342,15 @@ def test_torch_peer_mirrors_bnfree_jax_constants():
   """torch_peer.py runs without jax, so it keeps its own copies of the
   geometry and learning rates it must share with bnfree_jax: read them from
   its source (CI has no torch) and hold them to the originals."""
-  import ast
-  import dataclasses
-
-  from bnfree_jax import models
-  from bnfree_jax.models import resnet
   source = ast.parse(open(os.path.join(os.path.dirname(train_step.__file__), 'torch_peer.py')).read())
   peer = {node.targets[0].id: ast.literal_eval(node.value) for node in source.body
           if isinstance(node, ast.Assign) and len(node.targets) == 1
           and isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper()
           and isinstance(node.value, (ast.Constant, ast.Dict, ast.Tuple))}
-  assert peer['SMALL_STEMS'] == {name: stride for name, (kernel, stride, pool) in resnet.STEMS.items()
+  assert peer['SMALL_STEMS'] == {name: stride for name, (kernel, stride, pool) in models.STEMS.items()
                                  if (kernel, pool) == (3, False)}
-  gn_groups = {f.name: f.default for f in dataclasses.fields(resnet.ResNet)}['gn_groups']
-  assert peer['GN_GROUPS'] == gn_groups
+  assert peer['GN_GROUPS'] == models.ResNet.gn_groups  # The field's default.
   assert set(peer['MODELS']) <= set(models.MODELS)
   assert peer['COMPUTE_DTYPES'] == train_step.COMPUTE_DTYPES
   assert peer['BASE_LR'] == {v: train_step.VARIANTS[v]['base_lr'] for v in peer['BASE_LR']}
+  assert peer['AGC_CLIPPING'] == train_step.VARIANTS['nf_agc']['agc']
