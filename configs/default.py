@@ -41,6 +41,7 @@ def get_config():
       head_dropout_rate=-1.0,
       drop_path_rate=0.0,   # nf_* only: stochastic depth, rising linearly to this over the blocks.
       stem='imagenet',      # imagenet | small (3x3 stride 1, no pool) | small_s2 (3x3 stride 2)
+                            # | scatter (3x3 on the fixed J=2 scattering: models/scattering.py)
       wn_data_init=False,   # Salimans & Kingma data-dependent init of WNConv.
       # norm='batch': 'global' statistics over the whole batch (synced BN), or
       # 'per_device' over each device's shard, as PyTorch DataParallel/DDP.

@@ -347,8 +347,8 @@ def test_torch_peer_mirrors_bnfree_jax_constants():
           if isinstance(node, ast.Assign) and len(node.targets) == 1
           and isinstance(node.targets[0], ast.Name) and node.targets[0].id.isupper()
           and isinstance(node.value, (ast.Constant, ast.Dict, ast.Tuple))}
-  assert peer['SMALL_STEMS'] == {name: stride for name, (kernel, stride, pool) in models.STEMS.items()
-                                 if (kernel, pool) == (3, False)}
+  assert peer['SMALL_STEMS'] == {name: stem.strides for name, stem in models.STEMS.items()
+                                 if (stem.kernel, stem.pool, stem.scatter) == (3, False, False)}
   assert peer['GN_GROUPS'] == models.ResNet.gn_groups  # The field's default.
   assert set(peer['MODELS']) <= set(models.MODELS)
   assert peer['COMPUTE_DTYPES'] == train_step.COMPUTE_DTYPES

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bnfree_jax.models.layers import RELU_GAMMA, DropPath, Dropout, WSConv, max_pool
-from bnfree_jax.models.resnet import STEMS, ModuleDef, check_arguments, square_conv
+from bnfree_jax.models.resnet import STEMS, ModuleDef, check_arguments, square_conv, stem_conv
 
 NORM = 'scaled_ws'
 ALPHA = 0.2
@@ -151,10 +151,9 @@ class NFResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     conv = functools.partial(WSConv, gamma=RELU_GAMMA, dtype=self.dtype)
-    kernel, strides, pool = STEMS[self.stem]
     # No activation after the stem: each block starts with its own ReLU.
-    x = square_conv(conv, self.width, kernel, strides, 'stem_conv')(x)
-    if pool:
+    x = stem_conv(conv, self.width, self.stem, x)
+    if STEMS[self.stem].pool:
       x = max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
     # As ResNet: `train` is argument 2 and the param tree is the same with remat.

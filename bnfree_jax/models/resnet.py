@@ -9,7 +9,7 @@ norm='group' puts GroupNorm where BN was (as Opacus's ModuleValidator does).
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from bnfree_jax.models.layers import (HE_INIT, Conv, Dropout, GroupedBatchNorm, WNConv, WSConv,
                                      max_pool)
+from bnfree_jax.models.scattering import scattering_input
 
 # A flax layer constructor: functools.partial of a module class, called with name=.
 ModuleDef = Any
@@ -58,10 +59,28 @@ LAYERS = {
 NORMS = tuple(LAYERS)
 # The norms whose GroupNorm layers take the ResNet's gn_groups.
 GROUP_NORMS = ('group', 'group_ws')
-# stem -> (kernel, stride, a 3x3/2 max pool after it): torchvision's; the
-# CIFAR-style 3x3 for 28-32 px images; the same at stride 2, which halves the
-# image first (a ResNet-10 of width 8 at 28 px: 0.58x the DP step's time).
-STEMS = {'imagenet': (7, 2, True), 'small': (3, 1, False), 'small_s2': (3, 2, False)}
+
+
+class Stem(NamedTuple):
+  kernel: int
+  strides: int
+  pool: bool  # A 3x3/2 max pool after the conv.
+  scatter: bool = False  # The conv sees scattering_input(image), not the image.
+
+
+# torchvision's stem; the CIFAR-style 3x3 for 28-32 px images; the same at
+# stride 2, which halves the image first (a ResNet-10 of width 8 at 28 px:
+# 0.58x the DP step's time); the 3x3 on the image's scattering coefficients,
+# a fixed front end that quarters it (Tramer & Boneh 2021's prior for DP-SGD).
+STEMS = {'imagenet': Stem(7, 2, True), 'small': Stem(3, 1, False),
+         'small_s2': Stem(3, 2, False), 'scatter': Stem(3, 1, False, scatter=True)}
+
+
+def stem_conv(conv: ModuleDef, features: int, stem: str, x: jax.Array) -> jax.Array:
+  """The stem's conv (and the scattering before it), without norm or pool."""
+  spec = STEMS[stem]
+  x = scattering_input(x) if spec.scatter else x
+  return square_conv(conv, features, spec.kernel, spec.strides, 'stem_conv')(x)
 
 
 def _pad(kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -170,10 +189,9 @@ class ResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     conv, norm = LAYERS[self.norm](self, train)
-    kernel, strides, pool = STEMS[self.stem]
-    x = square_conv(conv, self.width, kernel, strides, 'stem_conv')(x)
+    x = stem_conv(conv, self.width, self.stem, x)
     x = nn.relu(x if norm is None else norm(name='stem_norm')(x))
-    if pool:
+    if STEMS[self.stem].pool:
       x = max_pool(x, (3, 3), (2, 2), _pad(3))
 
     # self counts as argument 0, so `train` is 2; the name keeps the param tree
