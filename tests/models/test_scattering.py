@@ -1,3 +1,4 @@
+import functools
 import os
 
 import jax
@@ -5,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnfree_jax.models.resnet import ResNet10
+from bnfree_jax.models.resnet import BasicBlock, ResNet
 from bnfree_jax.models.scattering import output_channels, scattering, scattering_input
 
 FIXTURE = os.path.join(os.path.dirname(__file__), os.pardir, 'fixtures', 'kymatio_scattering.npz')
@@ -33,7 +34,7 @@ def test_scattering_is_translation_stable_and_rejects_non_square():
   x = np.random.default_rng(1).random((1, 28, 28, 1)).astype(np.float32)
   x[:, :, :4] = x[:, :, -4:] = 0  # Room to shift without wrapping content.
   shifted = np.roll(x, 1, axis=2)
-  s, s_shifted = scattering(jnp.asarray(x)), scattering(jnp.asarray(shifted))
+  s, s_shifted = jax.jit(scattering)(jnp.asarray(np.concatenate([x, shifted])))
   pixels = np.linalg.norm(shifted - x) / np.linalg.norm(x)
   coefficients = float(jnp.linalg.norm(s_shifted - s) / jnp.linalg.norm(s))
   assert coefficients < pixels / 3, (coefficients, pixels)
@@ -47,15 +48,18 @@ def test_scatter_stem_is_the_small_stem_on_standardized_coefficients():
   each example alone (numpy below), so nothing mixes the examples of a batch,
   as DP-SGD needs."""
   x = jnp.asarray(np.random.default_rng(2).random((3, 28, 28, 1)), jnp.float32)
-  features = scattering_input(x)
-  groups = np.asarray(scattering(x), np.float64).reshape(3, 7 * 7, 27, 3)
+  standardize = jax.jit(scattering_input)  # Eager, each shape's ops compile one by one: 4 s.
+  features = standardize(x)
+  groups = np.asarray(jax.jit(scattering)(x), np.float64).reshape(3, 7 * 7, 27, 3)
   mean, var = groups.mean(axis=(1, 3), keepdims=True), groups.var(axis=(1, 3), keepdims=True)
   np.testing.assert_allclose(features, ((groups - mean) / np.sqrt(var + 1e-5)).reshape(3, 7, 7, 81),
                              atol=1e-4)
-  np.testing.assert_allclose(scattering_input(x[:1]), features[:1], atol=1e-4)
+  np.testing.assert_allclose(standardize(x[:1]), features[:1], atol=1e-4)
 
-  scatter = ResNet10(num_classes=10, width=8, norm='group_ws', stem='scatter')
-  small = ResNet10(num_classes=10, width=8, norm='group_ws', stem='small')
-  variables = scatter.init(jax.random.key(0), x, train=False)
-  np.testing.assert_allclose(scatter.apply(variables, x, train=False),
-                             small.apply(variables, features, train=False), rtol=1e-5, atol=1e-5)
+  one_stage = dict(stage_sizes=(1,), block_cls=BasicBlock, num_classes=10, width=8,
+                   norm='group_ws')
+  scatter, small = ResNet(stem='scatter', **one_stage), ResNet(stem='small', **one_stage)
+  variables = jax.jit(functools.partial(scatter.init, train=False))(jax.random.key(0), x)
+  np.testing.assert_allclose(jax.jit(functools.partial(scatter.apply, train=False))(variables, x),
+                             jax.jit(functools.partial(small.apply, train=False))(variables, features),
+                             rtol=1e-5, atol=1e-5)
