@@ -103,7 +103,7 @@ class BlockSpec(NamedTuple):
 
 
 class NFResNet(nn.Module):
-  """NF-ResNet on NHWC input; returns float32 logits.
+  """NF-ResNet on NHWC input; returns logits in at least float32.
 
   Apply with train=True and rngs={'dropout': key} (dropout before the head
   and stochastic depth draw from it).
@@ -166,7 +166,7 @@ class NFResNet(nn.Module):
     x = Dropout(self.dropout_rate, deterministic=not train)(x)
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head',
                  kernel_init=nn.initializers.normal(0.01))(x)
-    return x.astype(jnp.float32)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 up, float64 kept.
 
 
 NFResNet18 = functools.partial(NFResNet, stage_sizes=(2, 2, 2, 2), block_cls=NFBasicBlock)

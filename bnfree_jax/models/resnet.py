@@ -155,7 +155,7 @@ class BottleneckBlock(_Block):
 
 
 class ResNet(nn.Module):
-  """ResNet on NHWC input; returns float32 logits.
+  """ResNet on NHWC input; returns logits in at least float32.
 
   Apply with train=True and rngs={'dropout': key}; with norm='batch' also
   mutable=['batch_stats'].
@@ -209,7 +209,7 @@ class ResNet(nn.Module):
     # torchvision's nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     x = nn.Dense(self.num_classes, dtype=self.dtype, name='head',
                  kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'))(x)
-    return x.astype(jnp.float32)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 up, float64 kept.
 
 
 ResNet10 = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), block_cls=BasicBlock)

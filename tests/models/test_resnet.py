@@ -300,8 +300,8 @@ def test_matches_a_lax_reference(norm):
     np.testing.assert_allclose(new['var'], 0.9 * old['var'] + 0.1 * var, rtol=1e-5, atol=1e-6)
 
   # Along each parameter tensor's own gradient, the slope is that gradient's
-  # norm. Float32 central differences at 1e-3 carry ~5e-4 of rounding noise
-  # (the loss is ~1), hence the absolute tolerance.
+  # norm. Central differences in float64: in float32 their rounding noise
+  # (the loss's size times ~1e-7, over eps) reached 1e-2 on an AMD host.
   flat = {p: np.asarray(g) for p, g in flax.traverse_util.flatten_dict(grads).items()}
   norms = np.array([np.linalg.norm(g) for g in flat.values()])
   assert norms.min() > 1e-3 and norms.max() > 0.1
@@ -309,13 +309,21 @@ def test_matches_a_lax_reference(norm):
       [g / n if q == p else np.zeros_like(g) for q, n in zip(flat, norms)])
       for p, g in flat.items()})
   eps = 1e-3
+  with jax.enable_x64(True):
+    model64, as64 = model.clone(dtype=jnp.float64), lambda t: jax.tree.map(np.float64, t)
+    x64, state64 = as64(x), as64(state)
 
-  @jax.jit
-  def slopes(params, directions):
-    loss = lambda d, sign: model_loss(jax.tree.map(lambda p, e: p + sign * eps * e, params, d))[0]
-    return jax.vmap(lambda d: (loss(d, 1.0) - loss(d, -1.0)) / (2 * eps))(directions)
+    @jax.jit
+    def slopes(params, directions):
+      def loss(d, sign):
+        shifted = jax.tree.map(lambda p, e: p + sign * eps * e, params, d)
+        return ce(model64.apply({'params': shifted, **state64}, x64, train=True,
+                                mutable=['batch_stats'])[0])
+      return jax.vmap(lambda d: (loss(d, 1.0) - loss(d, -1.0)) / (2 * eps))(directions)
 
-  np.testing.assert_allclose(slopes(params, directions), norms, rtol=0.02, atol=1e-3)
+    got = slopes(as64(params), as64(directions))
+    assert got.dtype == np.float64
+  np.testing.assert_allclose(got, norms, rtol=0.02, atol=1e-3)
 
 
 @pytest.mark.parametrize('name,norm', TRACED)
