@@ -14,7 +14,6 @@ import pytest
 from bnfree_jax import models
 from bnfree_jax.bench import __main__ as cli
 from bnfree_jax.bench import common, cpu_flags, suite, train_step
-from conftest import FAST_COMPILE
 
 KEYS = ('model', 'variant', 'batch_size', 'image_size', 'step_time_ms', 'step_time_ms_min',
         'step_time_ms_max', 'images_per_sec', 'compile_s', 'flops_per_step', 'temp_bytes',
@@ -137,8 +136,10 @@ def test_suite_plan_gives_nf_resnet50_its_own_variant_and_peer():
     (['--suite', 'gpu', '--peer', 'tf'], 'torch, none'),
     (['--suite', 'gpu', '--peer-modes', 'eager,jit'], 'eager, compile'),
     (['--suite', 'gpu', '--peer-python', '/no/such/python'], '--peer none'),
-    (['--suite', 'gpu', '--width', '8'], '--peer none'),
-    (['--suite', 'gpu', '--stem', 'small'], '--peer none'),
+    (['--suite', 'gpu', '--width', '8'], 'timm\'s, at their own width'),
+    (['--suite', 'gpu', '--models', 'nf_resnet50', '--variants', 'nf_agc', '--stem', 'small'],
+     '--peer none'),
+    (['--suite', 'gpu', '--models', 'resnet18', '--stem', 'scatter'], 'no scattering'),
     (['--stem', 'cifar'], 'imagenet, small'),
     (['--suite', 'gpu', '--input', 'imagenet'], 'give one of them'),
     (['--dry-run'], '--suite'),
@@ -297,12 +298,10 @@ def test_suite_dry_run_without_tensorflow(tmp_path):
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
       [_no_tensorflow(tmp_path), *filter(None, [os.environ.get('PYTHONPATH')])])}
   env.pop('JAX_NUM_CPU_DEVICES')  # conftest's 4 devices would not split the toy batch of 2.
-  # Full-width ResNet-18s: optimized, this dry run takes 64 s alone, not 83 at -O0.
-  env['XLA_FLAGS'] = env['XLA_FLAGS'].replace(FAST_COMPILE, '')
-  # Two variants, one dtype and eager mode keep it short; the code paths are all there.
+  # Width 8, two variants, one dtype and eager mode keep it short; the code paths are all there.
   proc = subprocess.run(
       [sys.executable, '-m', 'bnfree_jax.bench', '--suite', 'gpu', '--dry-run', '--models',
-       'resnet18', '--variants', 'batch,weight_clip_dropout', '--compute-dtype', 'bfloat16',
+       'resnet18', '--width', '8', '--variants', 'batch,weight_clip_dropout', '--compute-dtype', 'bfloat16',
        '--peer-modes', 'eager', '--json', str(out), '--md', str(md), '--trace', str(trace)],
       cwd=cli.common.REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -318,6 +317,7 @@ def test_suite_dry_run_without_tensorflow(tmp_path):
   assert set(jax_rows) == {'batch+bf16', 'weight_clip_dropout+bf16'}
   for r in jax_rows.values():
     assert not r['skipped'] and r['all_finite'] and r['compute_dtype'] == 'bfloat16'
+    assert r['width'] == 8
     _images_per_sec_agree(r)
     assert r['ratio_to_batch'] == pytest.approx(
         r['step_time_ms'] / jax_rows['batch+bf16']['step_time_ms'])
@@ -328,6 +328,7 @@ def test_suite_dry_run_without_tensorflow(tmp_path):
   if meta['peer']:
     assert not any(r['skipped'] for r in peer)
     for r in peer:
+      assert r['width'] == 8
       _images_per_sec_agree(r)
       assert r['torch_version'] == meta['peer']['torch_version']
   else:

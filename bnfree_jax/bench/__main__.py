@@ -207,10 +207,14 @@ def _validate_suite(args):
   args.peer_modes = [] if args.peer == 'none' else common.split(args.peer_modes)
   for mode in args.peer_modes:
     _one_of('--peer-modes', mode, PEER_MODES)
-  if args.peer_modes and (args.width != 64 or args.stem != 'imagenet'):
-    raise InputError(f'--width {args.width} --stem {args.stem}: the suite\'s PyTorch peer has '
-                     'torchvision\'s width, 64, and stem; '
-                     'give --peer none to measure another')
+  if (args.peer_modes and (args.width, args.stem) != (64, 'imagenet')
+      and any(m.startswith('nf_') for m in args.models)):
+    raise InputError(f'--width {args.width} --stem {args.stem}: the PyTorch peer\'s nf_* models '
+                     'are timm\'s, at their own width and stem; leave them out of --models '
+                     'or give --peer none')
+  if args.peer_modes and models.resnet.STEMS[args.stem].scatter:
+    raise InputError(f'--stem {args.stem}: the PyTorch peer has no scattering transform; '
+                     'give --peer none')
   if args.peer != 'none' and not os.access(args.peer_python, os.X_OK):
     raise InputError(f'--peer-python {args.peer_python!r} is not an executable file; '
                      'give a Python that has torch and torchvision, or --peer none')

@@ -104,7 +104,8 @@ def plan(args):
       tiers[peer_tier].append(Job(
           f'torch {mode} {name}', 'train_step',
           [args.peer_python, str(PEER_SCRIPT), '--models', model, '--batch-size', str(batch),
-           '--image-size', str(args.image_size), '--norms', ','.join(norms), '--modes', mode,
+           '--image-size', str(args.image_size), '--width', str(args.width), '--stem', args.stem,
+           '--norms', ','.join(norms), '--modes', mode,
            '--compute-dtype', dtype, '--steps', str(args.steps),
            '--warmup', str(args.warmup), *(['--device', 'cpu'] if args.dry_run else []),
            *trace],
