@@ -298,12 +298,15 @@ def test_suite_dry_run_without_tensorflow(tmp_path):
   env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
       [_no_tensorflow(tmp_path), *filter(None, [os.environ.get('PYTHONPATH')])])}
   env.pop('JAX_NUM_CPU_DEVICES')  # conftest's 4 devices would not split the toy batch of 2.
-  # Width 8, two variants, one dtype and eager mode keep it short; the code paths are all there.
+  # Width 8, two variants, one dtype and eager mode keep it short; the code
+  # paths are all there. Run from tmp_path: the jobs, which run in the
+  # repository, still write the relative trace folder here.
   proc = subprocess.run(
       [sys.executable, '-m', 'bnfree_jax.bench', '--suite', 'gpu', '--dry-run', '--models',
-       'resnet18', '--width', '8', '--variants', 'batch,weight_clip_dropout', '--compute-dtype', 'bfloat16',
-       '--peer-modes', 'eager', '--json', str(out), '--md', str(md), '--trace', str(trace)],
-      cwd=cli.common.REPO, env=env, capture_output=True, text=True, timeout=600)
+       'resnet18', '--width', '8', '--variants', 'batch,weight_clip_dropout',
+       '--compute-dtype', 'bfloat16', '--peer-modes', 'eager', '--json', str(out),
+       '--md', str(md), '--trace', 'trace'],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   records = json.loads(out.read_text())
   meta, rows = records[0], [r for r in records if r['part'] == 'train_step']

@@ -168,6 +168,8 @@ def _validate(args):
   if args.trace and (args.input or args.sweep_cpu_flags):
     raise InputError('--trace applies to the train step and --suite, not to '
                      f'{modes[0]}')
+  if args.trace:  # The suite's jobs run in the repository: relative to here, not there.
+    args.trace = os.path.abspath(args.trace)
   if args.input:
     args.inputs = common.split(args.input)
     for name in args.inputs or ['']:
