@@ -31,7 +31,8 @@ def get_config():
   c.num_train_steps = -1
 
   c.model = ml_collections.ConfigDict(dict(
-      name='resnet18',      # resnet10|18|34|50|101|152, nf_resnet18|26|34|50|101
+      name='resnet18',      # resnet10|18|34|50|101|152, nf_resnet18|26|34|50|101, or linear
+                            # (a Dense layer on the scattering: norm='none', stem='scatter')
       # batch | weight | group | group_ws (weight-standardized convs + GroupNorm) | none;
       # nf_*: scaled_ws (their only one)
       norm='batch',

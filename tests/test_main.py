@@ -166,6 +166,8 @@ def cli(tmp_path_factory):
       'histogram layer': (argv('hl', '--config.histogram_layer=stage9_block0/conv1'),
                           "histogram_layer='stage9_block0/conv1' is not a layer of "
                           f'{helpers.tiny_config().model.name}'),
+      'linear with a norm': (argv('lin', '--config.model.name=linear'),
+                             "norm='weight': the linear model takes norm='none' only"),
       'dp with batch norm': (argv('dpb', '--config.dp.enabled=True', '--config.dp.noise_multiplier=1',
                                   '--config.model.norm=batch'),
                              "dp.enabled=True with model.norm='batch': batch norm mixes the "

@@ -44,3 +44,16 @@ def test_dp_recipe_spends_exactly_its_epsilon_over_its_planned_steps():
   assert 2.99 < epsilon <= 3.0
   assert privacy.epsilon(s.sampling_rate, 0.99 * s.noise_multiplier, s.total_steps,
                          c.dp.delta) > 3.0
+
+
+def test_dp_linear_recipe_is_tramer_and_bonehs_and_spends_exactly_its_epsilon():
+  s = train.setup(load_config('dp_fashion_mnist.py', 'linear'))
+  c = s.config
+  assert (c.model.name, c.model.norm, c.model.stem, c.dp.l2_clip, c.lr_schedule.base_lr) == (
+      'linear', 'none', 'scatter', 0.1, 16.0)
+  # 40 epochs of the trainer's 60000 // 8192 = 7 steps.
+  assert (s.total_steps, s.sampling_rate) == (280, pytest.approx(8192 / 60000))
+  epsilon = privacy.epsilon(s.sampling_rate, s.noise_multiplier, s.total_steps, c.dp.delta)
+  assert 2.99 < epsilon <= 3.0
+  with pytest.raises(ValueError, match='the variants are: linear'):
+    load_config('dp_fashion_mnist.py', 'linaer')

@@ -106,10 +106,10 @@ def parse_variants(names, memory_options=False, remat=False, compute_dtype='floa
 
 def parse_models(names):
   if not names:
-    raise InputError(f'--models is empty; allowed: {", ".join(models.MODELS)}')
+    raise InputError(f'--models is empty; allowed: {", ".join(models.RESNETS)}')
   for name in names:
-    if name not in models.MODELS:
-      raise InputError(f'unknown model {name!r}; allowed: {", ".join(models.MODELS)}')
+    if name not in models.RESNETS:
+      raise InputError(f'unknown model {name!r}; allowed: {", ".join(models.RESNETS)}')
   return names
 
 

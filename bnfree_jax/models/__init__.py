@@ -1,6 +1,7 @@
-"""ResNets with batch-, weight- or no normalization, NF-ResNets, and weight-norm utilities."""
+"""ResNets with batch-, weight- or no normalization, NF-ResNets, a linear
+model on scattering features, and weight-norm utilities."""
 
-from bnfree_jax.models import nf_resnet, resnet
+from bnfree_jax.models import linear, nf_resnet, resnet
 from bnfree_jax.models.layers import (
     RELU_GAMMA,
     DropPath,
@@ -10,6 +11,7 @@ from bnfree_jax.models.layers import (
     data_dependent_init,
     weight_decay_mask,
 )
+from bnfree_jax.models.linear import Linear
 from bnfree_jax.models.nf_resnet import (
     NFBasicBlock,
     NFBottleneckBlock,
@@ -35,19 +37,21 @@ from bnfree_jax.models.resnet import (
     ResNet152,
 )
 
-MODELS = {**resnet.MODELS, **nf_resnet.MODELS}
+RESNETS = {**resnet.MODELS, **nf_resnet.MODELS}  # What the bench measures.
+MODELS = {**RESNETS, **linear.MODELS}
 
 
-def create_model(name: str, **kwargs) -> ResNet | NFResNet:
+def create_model(name: str, **kwargs) -> ResNet | NFResNet | Linear:
   """MODELS[name.lower()](**kwargs).
 
-  drop_path_rate=0 is accepted, and dropped, for the ResNet family, which has
-  no stochastic depth, so that a trainer can pass the same kwargs to all.
+  drop_path_rate=0 is accepted, and dropped, for the models without
+  stochastic depth (all but nf_*), so that a trainer can pass the same kwargs
+  to all.
   """
   key = name.lower()
   if key not in MODELS:
     raise ValueError(f'model {name!r} is not one of: {", ".join(MODELS)}')
-  if key in resnet.MODELS and 'drop_path_rate' in kwargs:
+  if key not in nf_resnet.MODELS and 'drop_path_rate' in kwargs:
     rate = kwargs.pop('drop_path_rate')
     if rate != 0:
       raise ValueError(f'drop_path_rate={rate!r} needs an nf_* model; {key} has no stochastic '
@@ -56,9 +60,9 @@ def create_model(name: str, **kwargs) -> ResNet | NFResNet:
 
 
 __all__ = [
-    'GROUP_NORMS', 'LAYERS', 'MODELS', 'NORMS', 'RELU_GAMMA', 'STEMS', 'BasicBlock', 'BottleneckBlock', 'DropPath',
+    'GROUP_NORMS', 'LAYERS', 'Linear', 'MODELS', 'NORMS', 'RELU_GAMMA', 'STEMS', 'BasicBlock', 'BottleneckBlock', 'DropPath',
     'Dropout', 'NFBasicBlock', 'NFBottleneckBlock', 'NFResNet', 'NFResNet18', 'NFResNet26',
     'NFResNet34', 'NFResNet50', 'NFResNet101', 'ResNet', 'ResNet18', 'ResNet34', 'ResNet50',
-    'ResNet101', 'ResNet152', 'WNConv', 'WSConv', 'create_model', 'data_dependent_init',
+    'RESNETS', 'ResNet101', 'ResNet152', 'WNConv', 'WSConv', 'create_model', 'data_dependent_init',
     'weight_decay_mask',
 ]
