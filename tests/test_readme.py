@@ -126,6 +126,7 @@ def test_results_table_equals_the_reports():
   small_batch = report_finals('results/small_batch/report.md')
   dp = report_finals('results/dp/report.md')
   dp_ws = report_finals('results/dp/group_ws/report.md')
+  dp_linear = report_finals('results/dp/linear/report.md')
 
   def mean(run, report=nf_twin):  # Of seeds 0 and 1, as README rounds it.
     return f'{(float(report[run + "0"][1]) + float(report[run + "1"][1])) / 2:.2f}'
@@ -141,6 +142,8 @@ def test_results_table_equals_the_reports():
               '—', mean('ws_e30_seed', dp_ws)),
           'DP-SGD at ε = 3, δ = 1e-5 (full data, 30 epochs), the recipe': (
               '—', mean('r10_e30_seed', dp_ws)),
+          'DP-SGD at ε = 3, δ = 1e-5 (full data, 40 epochs), ScatterNet': (
+              '—', mean('linear_e40_seed', dp_linear)),
           'DP-SGD at ε = 1,': ('—', dp_ws['r10_e30_eps1'][1]),
           'DP-SGD at ε = 8,': ('—', dp_ws['r10_e30_eps8'][1])}
   assert len(rows) == len(want)
