@@ -17,9 +17,11 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 # The tests' programs are tiny, so compiling them is most of their time:
 # LLVM at -O0 halves that (the tiny train step: 18 s -> 9 s; test_dp_sgd
 # 316 s -> 188 s; the suite 13.4 -> 10.7 min), and XLA:CPU's older
-# elemental emitters in place of its MLIR fusion emitters cut it to a third
-# again (8.1 s -> 2.5 s on a 2-core AMD EPYC). Nothing asserts on speed, and
-# a test that only passed under one codegen would be asserting rounding.
+# elemental emitters in place of its MLIR fusion emitters more than halve it
+# again at the same step time (results/bench/cpu_flags_test_compile.md: 7 s
+# -> 3 s; the suite 663 s -> 482 s on a 2-core AMD EPYC). Nothing asserts on
+# speed, and a test that only passed under one codegen would be asserting
+# rounding.
 FAST_COMPILE = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
 if '--xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
