@@ -60,9 +60,9 @@ def create_model(name: str, **kwargs) -> ResNet | NFResNet | Linear:
 
 
 __all__ = [
-    'GROUP_NORMS', 'LAYERS', 'Linear', 'MODELS', 'NORMS', 'RELU_GAMMA', 'STEMS', 'BasicBlock', 'BottleneckBlock', 'DropPath',
-    'Dropout', 'NFBasicBlock', 'NFBottleneckBlock', 'NFResNet', 'NFResNet18', 'NFResNet26',
-    'NFResNet34', 'NFResNet50', 'NFResNet101', 'ResNet', 'ResNet18', 'ResNet34', 'ResNet50',
-    'RESNETS', 'ResNet101', 'ResNet152', 'WNConv', 'WSConv', 'create_model', 'data_dependent_init',
-    'weight_decay_mask',
+    'GROUP_NORMS', 'LAYERS', 'MODELS', 'NORMS', 'RELU_GAMMA', 'RESNETS', 'STEMS', 'BasicBlock',
+    'BottleneckBlock', 'DropPath', 'Dropout', 'Linear', 'NFBasicBlock', 'NFBottleneckBlock',
+    'NFResNet', 'NFResNet18', 'NFResNet26', 'NFResNet34', 'NFResNet50', 'NFResNet101', 'ResNet',
+    'ResNet18', 'ResNet34', 'ResNet50', 'ResNet101', 'ResNet152', 'WNConv', 'WSConv',
+    'create_model', 'data_dependent_init', 'weight_decay_mask',
 ]

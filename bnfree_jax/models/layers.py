@@ -373,6 +373,18 @@ def data_dependent_init(model: nn.Module, variables: Any, batch: jax.Array,
   return new_variables
 
 
+# torchvision's nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+TORCH_LINEAR_INIT = nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform')
+
+
+def head(x: jax.Array, num_classes: int, dtype: Any,
+         kernel_init: Callable = TORCH_LINEAR_INIT) -> jax.Array:
+  """The classifier, a Dense layer named 'head' (call it inside a compact
+  method): logits in at least float32, bfloat16 up and float64 kept."""
+  x = nn.Dense(num_classes, dtype=dtype, name='head', kernel_init=kernel_init)(x)
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def weight_decay_mask(params: Any) -> Any:
   """True for conv and dense kernels (`kernel`, WNConv's `v`); False for gains
   (WNConv's `g`, WSConv's `gain`), biases and BN affines, as NFNets decay only

@@ -12,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from bnfree_jax.models.layers import head
 from bnfree_jax.models.scattering import scattering_input
 
 
@@ -41,11 +42,7 @@ class Linear(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     x = scattering_input(x)
-    x = x.reshape(x.shape[0], -1)
-    # torchvision's nn.Linear weight init, as ResNet's head.
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head',
-                 kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'))(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return head(x.reshape(x.shape[0], -1), self.num_classes, self.dtype)
 
 
 MODELS = {'linear': Linear}

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bnfree_jax.models.layers import RELU_GAMMA, DropPath, Dropout, WSConv, max_pool
+from bnfree_jax.models.layers import RELU_GAMMA, DropPath, Dropout, WSConv, head, max_pool
 from bnfree_jax.models.resnet import STEMS, ModuleDef, check_arguments, square_conv, stem_conv
 
 NORM = 'scaled_ws'
@@ -164,9 +164,7 @@ class NFResNet(nn.Module):
 
     x = jnp.mean(nn.relu(x), axis=(1, 2))
     x = Dropout(self.dropout_rate, deterministic=not train)(x)
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head',
-                 kernel_init=nn.initializers.normal(0.01))(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 up, float64 kept.
+    return head(x, self.num_classes, self.dtype, nn.initializers.normal(0.01))
 
 
 NFResNet18 = functools.partial(NFResNet, stage_sizes=(2, 2, 2, 2), block_cls=NFBasicBlock)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from bnfree_jax.models.layers import (HE_INIT, Conv, Dropout, GroupedBatchNorm, WNConv, WSConv,
-                                     max_pool)
+                                     head, max_pool)
 from bnfree_jax.models.scattering import scattering_input
 
 # A flax layer constructor: functools.partial of a module class, called with name=.
@@ -206,10 +206,7 @@ class ResNet(nn.Module):
     x = jnp.mean(x, axis=(1, 2))
     head_rate = self.dropout_rate if self.head_dropout_rate is None else self.head_dropout_rate
     x = Dropout(head_rate, deterministic=not train)(x)
-    # torchvision's nn.Linear weight init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-    x = nn.Dense(self.num_classes, dtype=self.dtype, name='head',
-                 kernel_init=nn.initializers.variance_scaling(1 / 3, 'fan_in', 'uniform'))(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))  # bfloat16 up, float64 kept.
+    return head(x, self.num_classes, self.dtype)
 
 
 ResNet10 = functools.partial(ResNet, stage_sizes=(1, 1, 1, 1), block_cls=BasicBlock)
