@@ -87,16 +87,18 @@ def clip_by_hand(grads, c):
                for g in grads]
 
 
-@pytest.mark.parametrize('augmult', [0, 2])
-def test_clipped_sum_is_single_example_gradients_clipped_by_hand(one_device, augmult):
-  s, state = one_device
-  s = train.Setup(**{**vars(s), 'config': dp_config(**PLAIN_SGD, **{'dp.augmult': augmult})})
+def check_clipped_sum(s, state, augmult=0, **overrides):
+  """dp_sums of six real rows and two padded ones, at a clip norm that clips
+  half the examples, against single-example gradients clipped by hand; s's
+  config is dp_config(**PLAIN_SGD, **overrides) with dp.augmult and the clip."""
+  def at(**dp):
+    return train.Setup(**{**vars(s), 'config': dp_config(**PLAIN_SGD, **overrides, **dp)})
+  s = at(**{'dp.augmult': augmult})
   batch = microbatch(s, [3, 9, 12, 20, 33, 41, 0, 0], [True] * 6 + [False] * 2)
   grads = example_grads_by_hand(s, state, batch, augmult)
   _, norms = clip_by_hand(grads, 1.0)
   c = float(np.median(norms))  # Half the examples clipped, half not.
-  s = train.Setup(**{**vars(s), 'config': dp_config(**PLAIN_SGD, **{'dp.augmult': augmult,
-                                                                    'dp.l2_clip': c})})
+  s = at(**{'dp.augmult': augmult, 'dp.l2_clip': c})
   clipped, _ = clip_by_hand(grads, c)
   sums = jax.jit(functools.partial(train.dp_sums, s=s))(state, batch)
   expected = jax.tree.map(lambda *g: np.sum(g, axis=0), *clipped)
@@ -109,6 +111,11 @@ def test_clipped_sum_is_single_example_gradients_clipped_by_hand(one_device, aug
   assert float(sums['grad_norm']) == pytest.approx(sum(norms), rel=1e-5)
   for g in clipped:  # Each clipped gradient's norm is at most C.
     assert math.sqrt(sum(np.sum(np.square(x)) for x in jax.tree.leaves(g))) <= c
+
+
+@pytest.mark.parametrize('augmult', [0, 2])
+def test_clipped_sum_is_single_example_gradients_clipped_by_hand(one_device, augmult):
+  check_clipped_sum(*one_device, augmult)
 
 
 def test_padded_rows_change_nothing(one_device):

@@ -11,7 +11,7 @@ import pytest
 
 from bnfree_jax import models, train
 from bnfree_jax.models.scattering import output_channels, scattering_input
-from test_dp_sgd import PLAIN_SGD, clip_by_hand, dp_config, example_grads_by_hand, microbatch
+from test_dp_sgd import PLAIN_SGD, check_clipped_sum, dp_config
 
 
 def test_logits_are_a_dense_layer_on_the_scattering_features():
@@ -41,17 +41,4 @@ def test_refuses_what_it_does_not_have(setting, message):
 def test_dp_clipped_sum_is_single_example_gradients_clipped_by_hand():
   linear = {'model.name': 'linear', 'model.norm': 'none', 'model.stem': 'scatter'}
   s = train.setup(dp_config(**PLAIN_SGD, **linear), devices=jax.devices()[:1])
-  state = train.init_state(s)
-  batch = microbatch(s, [3, 9, 12, 20, 33, 41, 0, 0], [True] * 6 + [False] * 2)
-  grads = example_grads_by_hand(s, state, batch)
-  _, norms = clip_by_hand(grads, 1.0)
-  c = float(np.median(norms))  # Half the examples clipped, half not.
-  s = train.Setup(**{**vars(s), 'config': dp_config(**PLAIN_SGD, **linear,
-                                                    **{'dp.l2_clip': c})})
-  clipped, _ = clip_by_hand(grads, c)
-  sums = jax.device_get(jax.jit(lambda st, b: train.dp_sums(st, b, s=s))(state, batch))
-  expected = jax.tree.map(lambda *g: np.sum(g, axis=0), *clipped)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5,
-                                                       atol=2e-6 * np.abs(b).max()),
-               sums['grads'], expected)
-  assert int(sums['count']) == 6 and float(sums['clipped']) == 3
+  check_clipped_sum(s, train.init_state(s), **linear)
