@@ -139,6 +139,14 @@ def eval_batches(config, *, local_batch_size: int, process_index: int = 0,
                               image_shape=info.image_shape, **shard)
 
 
+def train_split_batches(config, *, batch_size: int) -> Iterator[dict]:
+  """The training split once, in order, as stored (only normalized), every
+  process all of it; 'mask' is False on the padding rows. What a DP run's
+  released statistics of the whole split (dp.feature_mean_noise) read."""
+  return _numpy_eval_batches(config, *_arrays(config, train=True), local_batch_size=batch_size,
+                             process_index=0, process_count=1)
+
+
 def load_idx(directory: str):
   """(train_images, train_labels, test_images, test_labels) of an IDX dir.
 

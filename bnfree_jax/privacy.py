@@ -37,37 +37,49 @@ def _accountant(name: str):
   return {'pld': pld.PLDAccountant, 'rdp': rdp.RdpAccountant}[name]()
 
 
-def dp_event(q: float, noise_multiplier: float, steps: int):
+def dp_event(q: float, noise_multiplier: float, steps: int, mean_noise: float = 0.0):
   """`steps` Poisson-subsampled (rate q) Gaussian mechanisms (std noise_multiplier
-  times the sensitivity), as a dp_accounting.DpEvent."""
+  times the sensitivity), after one Gaussian mechanism of std mean_noise times
+  its sensitivity (the released feature mean) if mean_noise > 0, as a
+  dp_accounting.DpEvent."""
   import dp_accounting
-  return dp_accounting.SelfComposedDpEvent(
-      dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise_multiplier)),
-      steps)
+  events = [dp_accounting.GaussianDpEvent(mean_noise)] if mean_noise > 0 else []
+  if steps > 0:
+    events.append(dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(noise_multiplier)),
+        steps))
+  return dp_accounting.ComposedDpEvent(events)
 
 
 def epsilon(q: float, noise_multiplier: float, steps: int, delta: float,
-            accountant: str = 'pld') -> float:
-  """The epsilon at `delta` after `steps` steps; inf without noise."""
-  if steps == 0:
+            accountant: str = 'pld', mean_noise: float = 0.0) -> float:
+  """The epsilon at `delta` after `steps` steps (and the feature mean released
+  with mean_noise > 0); inf without noise."""
+  if steps == 0 and mean_noise <= 0:
     return 0.0
-  if noise_multiplier == 0:
+  if noise_multiplier == 0 and steps > 0:
     return math.inf
   acc = _accountant(accountant)
-  acc.compose(dp_event(q, noise_multiplier, steps))
+  acc.compose(dp_event(q, noise_multiplier, steps, mean_noise))
   return acc.get_epsilon(delta)
 
 
 def calibrate_noise(target_epsilon: float, delta: float, q: float, steps: int,
-                    accountant: str = 'pld') -> float:
+                    accountant: str = 'pld', mean_noise: float = 0.0) -> float:
   """The smallest noise multiplier (to dp_accounting's tolerance) whose epsilon
-  after `steps` steps is at most target_epsilon."""
+  after `steps` steps (with the feature mean of mean_noise > 0) is at most
+  target_epsilon."""
   import dp_accounting
+  if mean_noise > 0 and epsilon(q, 0, 0, delta, accountant, mean_noise) >= target_epsilon:
+    raise ValueError(f'the feature mean alone (noise multiplier {mean_noise}) spends epsilon '
+                     f'{epsilon(q, 0, 0, delta, accountant, mean_noise):.3f} of the target '
+                     f'{target_epsilon}: raise dp.feature_mean_noise')
   sigma = dp_accounting.calibrate_dp_mechanism(
-      lambda: _accountant(accountant), lambda s: dp_event(q, s, steps), target_epsilon, delta)
+      lambda: _accountant(accountant), lambda s: dp_event(q, s, steps, mean_noise),
+      target_epsilon, delta)
   # calibrate_dp_mechanism returns the upper end of its bracket, which meets
   # the target; checked, since a promised epsilon must hold.
-  if epsilon(q, sigma, steps, delta, accountant) > target_epsilon:
+  if epsilon(q, sigma, steps, delta, accountant, mean_noise) > target_epsilon:
     raise ArithmeticError(f'calibrated noise {sigma} exceeds target epsilon {target_epsilon}')
   return sigma
 

@@ -232,7 +232,7 @@ def _privacy_table(runs):
   """The DP-SGD runs' privacy and what it bought: epsilon spent at the last
   logged step (at the run's delta), the mechanism's settings, test top-1."""
   head = ['run', 'model', 'norm', 'ε (δ)', 'σ', 'clip C', 'expected batch', 'sampling',
-          'augmult', 'steps', 'val top-1 final', 'EMA val top-1 final']
+          'augmult', 'feature mean σ', 'steps', 'val top-1 final', 'EMA val top-1 final']
   rows = [head]
   for run in runs:
     if logs.EPSILON not in run.scalars:
@@ -244,6 +244,7 @@ def _privacy_table(runs):
         f'{_fmt(_last(run, logs.EPSILON))} ({dp.get("delta", "?")})',
         _fmt(_last(run, logs.NOISE_MULTIPLIER), digits=3), dp.get('l2_clip', '?'),
         run.config.get('batch_size', '?'), dp.get('sampling', '?'), dp.get('augmult', '?'),
+        _fmt(dp['feature_mean_noise'], digits=1) if dp.get('feature_mean_noise', -1) > 0 else '—',
         int(steps[-1]), _fmt(_last(run, logs.tag(logs.EVAL, 'top1')), 100),
         _fmt(_last(run, logs.tag(logs.EVAL_EMA, 'top1')), 100)])
   return _markdown(rows) if len(rows) > 1 else None
@@ -474,7 +475,9 @@ def write_report(run_dirs, out_dir, hist_stage='stage2', hist_layer=HIST_LAYER):
               'ε: the privacy spent by the last logged step, at δ, by the run\'s accountant '
               '(dp.accountant); with sampling=shuffle it assumes Poisson sampling and is not '
               'a proven guarantee. σ: the noise multiplier; the noise added to the sum of '
-              'clipped gradients has std σ C.', '',
+              'clipped gradients has std σ C. feature mean σ: the noise multiplier of the '
+              'training set\'s feature mean released before training '
+              '(dp.feature_mean_noise), whose cost ε includes.', '',
               '![privacy_utility](privacy_utility.png)', '']
   lines += [
       '## Time and memory (paper Table 7)', '',

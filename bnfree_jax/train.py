@@ -19,11 +19,13 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from bnfree_jax import (checkpointing, datasets, dp_sgd, input_pipeline, logs, metrics, models,
                         optim, privacy, runtime, workdir as workdirs)
+from bnfree_jax.models import linear
 from bnfree_jax.workdir import InputError, WriteError, check
 
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -199,9 +201,18 @@ def _check_dp(config, info, num_devices: int, total_steps: int) -> dict:
         f'{num_devices} devices')
   check(isinstance(dp.augmult, int) and dp.augmult >= 0,
         f'dp.augmult={dp.augmult!r} must be an integer >= 0 (0: no augmentation)')
+  check(dp.feature_mean_noise == -1 or dp.feature_mean_noise > 0,
+        f'dp.feature_mean_noise={dp.feature_mean_noise!r} must be > 0, or -1 for off')
+  check(dp.feature_mean_noise == -1 or config.model.name == 'linear',
+        f'dp.feature_mean_noise={dp.feature_mean_noise!r} needs model.name=\'linear\' (the '
+        f'model that centers its features on the released mean), not {config.model.name!r}')
   q = config.batch_size / info.num_train
-  sigma = (dp.noise_multiplier if dp.noise_multiplier >= 0 else
-           privacy.calibrate_noise(dp.target_epsilon, dp.delta, q, total_steps, dp.accountant))
+  try:
+    sigma = (dp.noise_multiplier if dp.noise_multiplier >= 0 else
+             privacy.calibrate_noise(dp.target_epsilon, dp.delta, q, total_steps, dp.accountant,
+                                     _mean_noise(config)))
+  except ValueError as e:
+    raise InputError(str(e)) from e
   return {'noise_multiplier': sigma, 'sampling_rate': q}
 
 
@@ -247,7 +258,7 @@ def _loss_and_grads(model, state, batch, dropout_key, label_smoothing):
 
 
 # Tags of the per-step random streams, each a function of (seed, step) alone.
-_DROPOUT, _DP_NOISE, _DP_AUGMENT = 1, 2, 3
+_DROPOUT, _DP_NOISE, _DP_AUGMENT, _DP_FEATURE_MEAN = 1, 2, 3, 4
 
 
 def _step_key(config, stream: int, step):
@@ -563,9 +574,50 @@ def _log_train(s: Setup, writer, step: int, state, train_seconds: float, steps: 
 
 
 def dp_epsilon(s: Setup, steps: int) -> float:
-  """The epsilon (at dp.delta) spent by `steps` DP-SGD steps of this run."""
+  """The epsilon (at dp.delta) spent by `steps` DP-SGD steps of this run (and
+  its released feature mean)."""
   dp = s.config.dp
-  return privacy.epsilon(s.sampling_rate, s.noise_multiplier, steps, dp.delta, dp.accountant)
+  return privacy.epsilon(s.sampling_rate, s.noise_multiplier, steps, dp.delta, dp.accountant,
+                         _mean_noise(s.config))
+
+
+def _mean_noise(config) -> float:
+  """The feature mean's noise multiplier; 0 where none is released."""
+  return max(config.dp.feature_mean_noise, 0.0)
+
+
+def release_feature_mean(s: Setup, state: TrainState) -> TrainState:
+  """`state` at step 0 with the linear model's feature_mean: the mean of the
+  training split's features, released once by the Gaussian mechanism
+  (centering them cuts what DP-SGD's clip and noise cost a linear model).
+
+  Each example's features are clipped to norm R = sqrt(D), their bound
+  (linear.features), so that the bound holds as a fact, not an assumption:
+  adding or removing an example moves their sum by at most R. The sum gets
+  one draw of N(0, (dp.feature_mean_noise R)^2) per coordinate, keyed by the
+  seed alone, and is divided by the split's size, public as the sampling
+  rate takes it to be. privacy.dp_event composes this release with the
+  steps'. Every process computes the same mean from the whole split."""
+  c = s.config
+  d = jax.eval_shape(linear.features,
+                     jax.ShapeDtypeStruct((1, *s.info.image_shape), jnp.float32)).shape[1]
+  bound = math.sqrt(d)
+
+  @jax.jit
+  def clipped_sum(images, mask):
+    x = linear.features(images)
+    x = x * jnp.minimum(1.0, bound / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True),
+                                                 1e-12))
+    return jnp.sum(jnp.where(mask[:, None], x, 0.0), axis=0)
+
+  total = np.zeros(d, np.float64)
+  for batch in input_pipeline.train_split_batches(c, batch_size=c.dp.microbatch_size):
+    total += np.asarray(clipped_sum(batch['image'], batch['mask']), np.float64)
+  noise = jax.random.normal(_step_key(c, _DP_FEATURE_MEAN, 0), (d,), jnp.float32)
+  mean = (total + np.float64(noise) * c.dp.feature_mean_noise * bound) / s.info.num_train
+  stats = {**state.batch_stats, 'feature_mean': jnp.asarray(mean, jnp.float32)}
+  return jax.jit(functools.partial(new_state, s),
+                 out_shardings=NamedSharding(s.mesh, P()))(state.params, stats)
 
 
 def _log_dp(s: Setup):
@@ -573,10 +625,12 @@ def _log_dp(s: Setup):
   sigma = (f'{s.noise_multiplier:.4f} (calibrated to epsilon {dp.target_epsilon})'
            if dp.target_epsilon > 0 else f'{s.noise_multiplier:.4f}')
   _log('DP-SGD: %s sampling, q=%.6f (expected batch %d of %d), micro-batches of %d, '
-       'l2_clip %g, noise multiplier %s, augmult %d; epsilon after the %d planned steps: '
+       'l2_clip %g, noise multiplier %s, augmult %d%s; epsilon after the %d planned steps: '
        '%.3f at delta=%g (%s).', dp.sampling, s.sampling_rate, s.config.batch_size,
-       s.info.num_train, dp.microbatch_size, dp.l2_clip, sigma, dp.augmult, s.total_steps,
-       dp_epsilon(s, s.total_steps), dp.delta, dp.accountant)
+       s.info.num_train, dp.microbatch_size, dp.l2_clip, sigma, dp.augmult,
+       (f', feature mean released with noise multiplier {dp.feature_mean_noise:g}'
+        if dp.feature_mean_noise > 0 else ''),
+       s.total_steps, dp_epsilon(s, s.total_steps), dp.delta, dp.accountant)
   if dp.sampling == 'shuffle':
     _log("DP-SGD: dp.sampling='shuffle' takes fixed-size batches of a shuffled epoch; the "
          'epsilon logged assumes Poisson sampling and is not a proven guarantee for it.')
@@ -725,6 +779,8 @@ def _train_and_evaluate(s: Setup, workdir: str, stop: runtime.StopSignals) -> di
       state = init_state(s, first)
       if config.init_from:
         state = _start_from(s, state, config.init_from)
+      if config.dp.enabled and config.dp.feature_mean_noise > 0:
+        state = release_feature_mean(s, state)
     elif config.init_from:
       _log('init_from=%s ignored: the run resumes from its own checkpoint.', config.init_from)
     start = int(state.step)

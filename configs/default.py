@@ -113,6 +113,12 @@ def get_config():
       # > 0: each example's gradient is the mean over this many random
       # pad-crop-flip copies, before clipping (De et al. 2022); 0: as stored.
       augmult=0,
+      # > 0 (model.name='linear' only): before training, release the mean of
+      # the training set's features by the Gaussian mechanism with this noise
+      # multiplier, and center the features on it; its privacy cost is
+      # composed into the epsilon (and the calibration of noise_multiplier).
+      # -1: off.
+      feature_mean_noise=-1.0,
   ))
 
   c.seed = 0

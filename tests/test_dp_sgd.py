@@ -62,8 +62,8 @@ def example_grads_by_hand(s, state, batch, augmult=0):
   """Each real example's gradient, one jax.grad call each (no vmap), with
   the keys the step uses."""
   def loss(params, images, label):
-    logits = s.model.apply({'params': params}, images, train=True,
-                           rngs={'dropout': jax.random.key(0)})
+    logits = s.model.apply({'params': params, 'batch_stats': state.batch_stats}, images,
+                           train=True, rngs={'dropout': jax.random.key(0)})
     return metrics.per_example(logits, jnp.full(images.shape[:1], label))['loss'].mean()
   grad = jax.jit(jax.grad(loss))  # Compiled once, called per example.
   grads = []
@@ -266,7 +266,7 @@ def test_the_report_tables_the_privacy_spent(reference, tmp_path):
   table = text.split('## Differential privacy (DP-SGD)')[1].split('##')[0]
   row = [line for line in table.splitlines() if line.startswith(f'| {reference.name} ')]
   eps = privacy.epsilon(BATCH / NUM_TRAIN, 0.7, STEPS, 1e-5)
-  assert len(row) == 1 and f'| {eps:.2f} (1e-05) | 0.700 | 0.5 | {BATCH} | poisson | 0 |' in row[0]
+  assert len(row) == 1 and f'| {eps:.2f} (1e-05) | 0.700 | 0.5 | {BATCH} | poisson | 0 | — |' in row[0]
   # The privacy-utility figure: the run's point at (epsilon spent, final test top-1).
   assert (tmp_path / 'privacy_utility.png').exists() and '![privacy_utility]' in table
   run = report.load_run(str(reference))

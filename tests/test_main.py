@@ -182,6 +182,17 @@ def cli(tmp_path_factory):
                                       '--config.dp.noise_multiplier=1', '--config.image_size=8'),
                                  'dp.enabled=True trains on the images as stored (16 pixels): '
                                  'image_size=8 is not supported with DP; leave it -1'),
+      'feature mean of a ResNet': (argv('dpf', '--config.dp.enabled=True',
+                                        '--config.dp.noise_multiplier=1',
+                                        '--config.dp.feature_mean_noise=10'),
+                                   "dp.feature_mean_noise=10.0 needs model.name='linear'"),
+      'feature mean spending the whole budget': (
+          argv('dpe', '--config.dp.enabled=True', '--config.dp.target_epsilon=0.1',
+               '--config.dp.feature_mean_noise=10', '--config.model.name=linear',
+               '--config.model.norm=none', '--config.model.stem=scatter',
+               '--config.model.dropout_rate=0'),
+          'the feature mean alone (noise multiplier 10.0) spends epsilon 0.341 of the target '
+          '0.1: raise dp.feature_mean_noise'),
       'workdir with a broken config.json': (argv('j', workdir=root / 'broken_run'),
                                             f'{root}/broken_run/config.json is not valid JSON'),
       # Refused before the existing run's config.json is rewritten.

@@ -77,13 +77,14 @@ def test_epsilon_is_dp_accountings():
   assert privacy.epsilon(q, 0.0, 10, delta) == math.inf
 
 
-def _rdp_epsilon_by_hand(q, sigma, steps, delta, orders=range(2, 257)):
+def _rdp_epsilon_by_hand(q, sigma, steps, delta, orders=range(2, 257), mean_noise=0.0):
   """Renyi DP of the Poisson-subsampled Gaussian at integer orders a
   (Mironov, Talwar & Zhang 2019, sec. 3.3: the binomial expansion
   sum_k C(a, k) (1-q)^(a-k) q^k exp((k^2 - k) / (2 sigma^2))), composed over
   the steps, turned into (epsilon, delta) by Canonne, Kamath & Steinke 2020
   (Prop. 12), the conversion dp_accounting uses. Written from the papers,
-  in log space, independently of dp_accounting."""
+  in log space, independently of dp_accounting. mean_noise > 0 adds one
+  Gaussian mechanism: a / (2 mean_noise^2) at order a (Mironov 2017)."""
   best = math.inf
   for a in orders:
     terms = [math.lgamma(a + 1) - math.lgamma(k + 1) - math.lgamma(a - k + 1)
@@ -91,7 +92,8 @@ def _rdp_epsilon_by_hand(q, sigma, steps, delta, orders=range(2, 257)):
              for k in range(a + 1)]
     top = max(terms)
     per_step = (top + math.log(sum(math.exp(t - top) for t in terms))) / (a - 1)
-    eps = (steps * per_step + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1))
+    rdp = steps * per_step + (a / (2 * mean_noise**2) if mean_noise else 0.0)
+    eps = rdp + math.log((a - 1) / a) - (math.log(delta) + math.log(a)) / (a - 1)
     best = min(best, eps)
   return best
 
@@ -108,9 +110,48 @@ def test_epsilon_against_an_independent_computation(q, sigma, steps):
   assert by_hand * 0.7 <= ours_pld <= ours_rdp
 
 
+def _gaussian_epsilon_by_hand(mu: float, delta: float) -> float:
+  """The exact epsilon at delta of a Gaussian mechanism of sensitivity 1 and
+  std 1 / mu (Balle & Wang 2018, Thm. 8: delta(eps) = Phi(-eps / mu + mu / 2)
+  - e^eps Phi(-eps / mu - mu / 2)), by bisection. Gaussians compose exactly:
+  k of stds sigma_i are one of 1 / mu, mu^2 = sum 1 / sigma_i^2."""
+  def phi(x):
+    return 0.5 * math.erfc(-x / math.sqrt(2))
+  lo, hi = 0.0, 100.0
+  for _ in range(200):
+    mid = (lo + hi) / 2
+    if phi(-mid / mu + mu / 2) - math.exp(mid) * phi(-mid / mu - mu / 2) > delta:
+      lo = mid
+    else:
+      hi = mid
+  return hi
+
+
+@pytest.mark.parametrize('sigma, steps, mean_noise', [(2.0, 10, 5.0), (5.0, 50, 3.0),
+                                                      (1.0, 0, 20.0)])
+def test_the_released_feature_mean_composes_exactly(sigma, steps, mean_noise):
+  """With q = 1 every mechanism is a plain Gaussian, whose composition has a
+  closed form: the PLD epsilon of the steps and the feature mean against it."""
+  mu = math.sqrt(steps / sigma**2 + 1 / mean_noise**2)
+  assert privacy.epsilon(1.0, sigma, steps, 1e-5, mean_noise=mean_noise) == pytest.approx(
+      _gaussian_epsilon_by_hand(mu, 1e-5), rel=1e-6)
+
+
+def test_the_released_feature_mean_costs_what_rdp_by_hand_says():
+  q, sigma, steps, sm = 0.05, 2.0, 300, 10.0
+  by_hand = _rdp_epsilon_by_hand(q, sigma, steps, 1e-5, mean_noise=sm)
+  assert by_hand * 0.97 <= privacy.epsilon(q, sigma, steps, 1e-5, 'rdp', sm) <= by_hand + 1e-9
+  assert privacy.epsilon(q, sigma, steps, 1e-5, mean_noise=sm) > privacy.epsilon(
+      q, sigma, steps, 1e-5)
+
+
 def test_calibrated_noise_gives_at_most_the_target_epsilon():
   q, steps, delta = 0.05, 500, 1e-5
   for target in (1.0, 3.0):
     sigma = privacy.calibrate_noise(target, delta, q, steps)
     assert privacy.epsilon(q, sigma, steps, delta) <= target
     assert privacy.epsilon(q, 0.99 * sigma, steps, delta) > target  # And not much more noise.
+    # With a released feature mean, a little more noise for the same target.
+    with_mean = privacy.calibrate_noise(target, delta, q, steps, mean_noise=10.0)
+    assert sigma < with_mean and privacy.epsilon(q, with_mean, steps, delta,
+                                                 mean_noise=10.0) <= target

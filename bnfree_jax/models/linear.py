@@ -4,6 +4,11 @@ Fashion-MNIST model under DP-SGD at epsilon 3 (89.7 %). It has no norm
 layers and no stages, so it takes model.norm='none' and model.stem='scatter'
 only; model.width and remat, which the trainer passes every model, mean
 nothing to it.
+
+The features are centered on 'feature_mean', zeros unless the trainer
+releases the training set's mean feature privately (dp.feature_mean_noise):
+a statistic, not a trained parameter, so it lives in the 'batch_stats'
+collection, which the trainer checkpoints and never differentiates.
 """
 
 from typing import Any
@@ -16,8 +21,15 @@ from bnfree_jax.models.layers import head
 from bnfree_jax.models.scattering import scattering_input
 
 
+def features(images: jax.Array) -> jax.Array:
+  """[N, H, W, C] images -> [N, D]: the standardized scattering coefficients,
+  each row of norm at most sqrt(D) (at most unit variance in each group)."""
+  x = scattering_input(images)
+  return x.reshape(x.shape[0], -1)
+
+
 class Linear(nn.Module):
-  """Logits = W . scattering_input(image) + b: one Dense layer, 'head'."""
+  """Logits = W . (features(image) - feature_mean) + b: one Dense layer, 'head'."""
 
   num_classes: int = 1000
   norm: str = 'none'
@@ -41,8 +53,9 @@ class Linear(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = scattering_input(x)
-    return head(x.reshape(x.shape[0], -1), self.num_classes, self.dtype)
+    x = features(x)
+    mean = self.variable('batch_stats', 'feature_mean', jnp.zeros, x.shape[1:], jnp.float32)
+    return head(x - mean.value, self.num_classes, self.dtype)
 
 
 MODELS = {'linear': Linear}

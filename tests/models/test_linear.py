@@ -9,22 +9,33 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bnfree_jax import models, train
+from bnfree_jax import input_pipeline, models, privacy, train
+from bnfree_jax.models.linear import features
 from bnfree_jax.models.scattering import output_channels, scattering_input
 from test_dp_sgd import PLAIN_SGD, check_clipped_sum, dp_config
 
 
-def test_logits_are_a_dense_layer_on_the_scattering_features():
+def test_logits_are_a_dense_layer_on_the_centered_scattering_features():
   model = models.create_model('linear', num_classes=5, norm='none', stem='scatter', width=8,
                               remat=False, dropout_rate=0.0)
-  x = jnp.asarray(np.random.default_rng(0).random((3, 12, 12, 2)), jnp.float32)
-  params = jax.jit(lambda: model.init(jax.random.key(0), x, train=False))()['params']
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.random((3, 12, 12, 2)), jnp.float32)
+  variables = jax.jit(lambda: model.init(jax.random.key(0), x, train=False))()
+  params = variables['params']
   # 12 px at J = 2: 3 x 3 positions, 81 coefficients per image channel.
-  assert params['head']['kernel'].shape == (3 * 3 * 2 * output_channels(2, 8), 5)
-  features = np.asarray(scattering_input(x)).reshape(3, -1).astype(np.float64)
-  want = features @ np.float64(params['head']['kernel']) + np.float64(params['head']['bias'])
-  np.testing.assert_allclose(jax.jit(lambda p: model.apply({'params': p}, x, train=True))(params),
-                             want, rtol=1e-5, atol=1e-5)
+  d = 3 * 3 * 2 * output_channels(2, 8)
+  assert params['head']['kernel'].shape == (d, 5)
+  np.testing.assert_array_equal(variables['batch_stats']['feature_mean'], np.zeros(d))
+  mean = rng.normal(size=d).astype(np.float32)
+  coefficients = np.asarray(scattering_input(x)).reshape(3, -1).astype(np.float64)
+  want = ((coefficients - mean) @ np.float64(params['head']['kernel'])
+          + np.float64(params['head']['bias']))
+  got = jax.jit(lambda p: model.apply(
+      {'params': p, 'batch_stats': {'feature_mean': mean}}, x, train=True))(params)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # The bound the trainer's release of the mean takes as the sensitivity.
+  norms = np.linalg.norm(features(x), axis=1)
+  assert np.all(norms <= np.sqrt(d))
 
 
 @pytest.mark.parametrize('setting, message', [
@@ -38,7 +49,36 @@ def test_refuses_what_it_does_not_have(setting, message):
     models.create_model('linear', num_classes=5, **{'norm': 'none', **setting})
 
 
+LINEAR = {'model.name': 'linear', 'model.norm': 'none', 'model.stem': 'scatter'}
+
+
 def test_dp_clipped_sum_is_single_example_gradients_clipped_by_hand():
-  linear = {'model.name': 'linear', 'model.norm': 'none', 'model.stem': 'scatter'}
-  s = train.setup(dp_config(**PLAIN_SGD, **linear), devices=jax.devices()[:1])
-  check_clipped_sum(s, train.init_state(s), **linear)
+  s = train.setup(dp_config(**PLAIN_SGD, **LINEAR), devices=jax.devices()[:1])
+  check_clipped_sum(s, train.init_state(s), **LINEAR)
+
+
+def test_released_feature_mean_is_the_mean_plus_gaussian_noise_of_the_bound():
+  """dp.feature_mean_noise: the mean of the training split's features plus
+  N(0, (sigma_m sqrt(D) / N)^2) per coordinate, and its epsilon composed into
+  the run's. A seeded check of the noise's spread over the D coordinates,
+  its tolerance five standard errors of a sample std of D normal draws."""
+  sigma_m = 3.0
+  s = train.setup(dp_config(**PLAIN_SGD, **LINEAR, **{'dp.feature_mean_noise': sigma_m}),
+                  devices=jax.devices()[:1])
+  state = train.init_state(s)
+  released = train.release_feature_mean(s, state)
+  images, _ = input_pipeline._arrays(s.config, train=True)
+  x = np.float64(features(input_pipeline._normalize(s.config, images)))
+  n, d = x.shape
+  assert np.linalg.norm(x, axis=1).max() <= np.sqrt(d)  # The clip changes nothing here.
+  z = (np.float64(released.batch_stats['feature_mean']) - x.mean(axis=0)) * n / (
+      sigma_m * np.sqrt(d))
+  assert abs(z.std() - 1) < 5 / np.sqrt(2 * d) and abs(z.mean()) < 5 / np.sqrt(d)
+  # Only the mean changed; the same seed releases the same mean.
+  jax.tree.map(np.testing.assert_array_equal, released.params, state.params)
+  np.testing.assert_array_equal(train.release_feature_mean(s, state).batch_stats['feature_mean'],
+                                released.batch_stats['feature_mean'])
+  q, delta = s.sampling_rate, s.config.dp.delta
+  assert train.dp_epsilon(s, 0) == privacy.epsilon(q, 0, 0, delta, mean_noise=sigma_m) > 0
+  assert train.dp_epsilon(s, 5) == privacy.epsilon(q, s.noise_multiplier, 5, delta,
+                                                   mean_noise=sigma_m)
