@@ -26,6 +26,11 @@ def augment(image: jax.Array, key: jax.Array, copies: int) -> jax.Array:
   return jax.vmap(one)(jax.random.split(key, copies))
 
 
+def clip_scale(norms: jax.Array, bound: float) -> jax.Array:
+  """The factors that bring rows of these L2 norms to at most `bound`."""
+  return jnp.minimum(1.0, bound / (norms + _NORM_EPS))
+
+
 def clipped_sum(example_grad, params, examples, mask, l2_clip: float):
   """(sum over examples of each gradient clipped to L2 norm l2_clip, the
   examples' auxiliary outputs, their gradient norms before clipping).
@@ -37,7 +42,7 @@ def clipped_sum(example_grad, params, examples, mask, l2_clip: float):
   grads, aux = jax.vmap(example_grad, in_axes=(None, 0))(params, examples)
   norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
                        for g in jax.tree.leaves(grads)))
-  scale = jnp.where(mask, jnp.minimum(1.0, l2_clip / (norms + _NORM_EPS)), 0.0)
+  scale = jnp.where(mask, clip_scale(norms, l2_clip), 0.0)
   # where, not a product: a masked row with a non-finite gradient adds nothing either.
   summed = jax.tree.map(
       lambda g: jnp.tensordot(scale.astype(g.dtype),

@@ -70,10 +70,11 @@ def calibrate_noise(target_epsilon: float, delta: float, q: float, steps: int,
   after `steps` steps (with the feature mean of mean_noise > 0) is at most
   target_epsilon."""
   import dp_accounting
-  if mean_noise > 0 and epsilon(q, 0, 0, delta, accountant, mean_noise) >= target_epsilon:
+  mean_alone = epsilon(q, 0, 0, delta, accountant, mean_noise)
+  if mean_alone >= target_epsilon:
     raise ValueError(f'the feature mean alone (noise multiplier {mean_noise}) spends epsilon '
-                     f'{epsilon(q, 0, 0, delta, accountant, mean_noise):.3f} of the target '
-                     f'{target_epsilon}: raise dp.feature_mean_noise')
+                     f'{mean_alone:.3f} of the target {target_epsilon}: raise '
+                     'dp.feature_mean_noise')
   sigma = dp_accounting.calibrate_dp_mechanism(
       lambda: _accountant(accountant), lambda s: dp_event(q, s, steps, mean_noise),
       target_epsilon, delta)

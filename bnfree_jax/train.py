@@ -606,8 +606,7 @@ def release_feature_mean(s: Setup, state: TrainState) -> TrainState:
   @jax.jit
   def clipped_sum(images, mask):
     x = linear.features(images)
-    x = x * jnp.minimum(1.0, bound / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True),
-                                                 1e-12))
+    x = x * dp_sgd.clip_scale(jnp.linalg.norm(x, axis=1, keepdims=True), bound)
     return jnp.sum(jnp.where(mask[:, None], x, 0.0), axis=0)
 
   total = np.zeros(d, np.float64)
