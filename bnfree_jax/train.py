@@ -599,13 +599,13 @@ def release_feature_mean(s: Setup, state: TrainState) -> TrainState:
   rate takes it to be. privacy.dp_event composes this release with the
   steps'. Every process computes the same mean from the whole split."""
   c = s.config
-  d = jax.eval_shape(linear.features,
-                     jax.ShapeDtypeStruct((1, *s.info.image_shape), jnp.float32)).shape[1]
+  features = functools.partial(linear.features, stem=c.model.stem)
+  d = jax.eval_shape(features, jax.ShapeDtypeStruct((1, *s.info.image_shape), jnp.float32)).shape[1]
   bound = math.sqrt(d)
 
   @jax.jit
   def clipped_sum(images, mask):
-    x = linear.features(images)
+    x = features(images)
     x = x * dp_sgd.clip_scale(jnp.linalg.norm(x, axis=1, keepdims=True), bound)
     return jnp.sum(jnp.where(mask[:, None], x, 0.0), axis=0)
 

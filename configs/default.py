@@ -32,7 +32,8 @@ def get_config():
 
   c.model = ml_collections.ConfigDict(dict(
       name='resnet18',      # resnet10|18|34|50|101|152, nf_resnet18|26|34|50|101, or linear
-                            # (a Dense layer on the scattering: norm='none', stem='scatter')
+                            # (a Dense layer on the scattering: norm='none', stem='scatter'
+                            # or 'scatter12')
       # batch | weight | group | group_ws (weight-standardized convs + GroupNorm) | none;
       # nf_*: scaled_ws (their only one)
       norm='batch',
@@ -43,6 +44,7 @@ def get_config():
       drop_path_rate=0.0,   # nf_* only: stochastic depth, rising linearly to this over the blocks.
       stem='imagenet',      # imagenet | small (3x3 stride 1, no pool) | small_s2 (3x3 stride 2)
                             # | scatter (3x3 on the fixed J=2 scattering: models/scattering.py)
+                            # | scatter12 (linear only: the J=2 and J=1 scatterings)
       wn_data_init=False,   # Salimans & Kingma data-dependent init of WNConv.
       # norm='batch': 'global' statistics over the whole batch (synced BN), or
       # 'per_device' over each device's shard, as PyTorch DataParallel/DDP.

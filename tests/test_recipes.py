@@ -55,14 +55,18 @@ def test_dp_linear_recipe_is_tramer_and_bonehs_and_spends_exactly_its_epsilon():
   assert (s.total_steps, s.sampling_rate) == (280, pytest.approx(8192 / 60000))
   epsilon = privacy.epsilon(s.sampling_rate, s.noise_multiplier, s.total_steps, c.dp.delta)
   assert 2.99 < epsilon <= 3.0
-  with pytest.raises(ValueError, match='the variants are: linear, linear_centered'):
+  with pytest.raises(ValueError,
+                     match='the variants are: linear, linear_centered, linear_scatter12'):
     load_config('dp_fashion_mnist.py', 'linaer')
 
 
-def test_dp_linear_centered_recipe_spends_exactly_its_epsilon_with_the_mean():
-  s = train.setup(load_config('dp_fashion_mnist.py', 'linear_centered'))
+@pytest.mark.parametrize('variant, stem', [('linear_centered', 'scatter'),
+                                           ('linear_scatter12', 'scatter12')])
+def test_dp_linear_centered_recipes_spend_exactly_their_epsilon_with_the_mean(variant, stem):
+  s = train.setup(load_config('dp_fashion_mnist.py', variant))
   c = s.config
-  assert (c.model.name, c.dp.feature_mean_noise, s.total_steps) == ('linear', 20.0, 280)
+  assert (c.model.name, c.model.stem, c.dp.feature_mean_noise, s.total_steps) == (
+      'linear', stem, 20.0, 280)
   # The steps' noise rises a little so that steps and mean together spend 3.
   assert s.noise_multiplier == pytest.approx(3.337, abs=1e-3)
   assert 2.99 < train.dp_epsilon(s, s.total_steps) <= 3.0

@@ -117,13 +117,15 @@ def scattering(images: jax.Array, J: int = 2, L: int = 8) -> jax.Array:
   return jnp.moveaxis(coefficients, (1, 2), (3, 4)).reshape(n, *coefficients.shape[-2:], -1)
 
 
-def scattering_input(images: jax.Array) -> jax.Array:
-  """stem='scatter''s input: the J = 2 coefficients of each example, standardized.
+def scattering_input(images: jax.Array, J: int = 2) -> jax.Array:
+  """The J coefficients of each example, standardized: stem='scatter''s input
+  (J = 2), and with J = 1 the rest of the linear model's stem='scatter12'.
 
   Tramer & Boneh's data normalization for DP-SGD: a GroupNorm without
-  parameters over groups of 3 of the 81 coefficients of each channel (27
-  groups), per example, so nothing mixes the examples of a batch.
+  parameters over groups of 3 of the coefficients of each channel (27 groups
+  of the 81 at J = 2, 3 of the 9 at J = 1), per example, so nothing mixes the
+  examples of a batch.
   """
-  x = scattering(images, J=2)
+  x = scattering(images, J=J)
   return nn.GroupNorm(num_groups=x.shape[-1] // 3, use_bias=False, use_scale=False,
                       epsilon=1e-5).apply({}, x)
