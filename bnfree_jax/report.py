@@ -230,8 +230,9 @@ def _results_table(runs):
 
 def _privacy_table(runs):
   """The DP-SGD runs' privacy and what it bought: epsilon spent at the last
-  logged step (at the run's delta), the mechanism's settings, test top-1."""
-  head = ['run', 'model', 'norm', 'ε (δ)', 'σ', 'clip C', 'expected batch', 'sampling',
+  logged step (at the run's delta), the mechanism's settings, test top-1.
+  The stem tells the linear model's features apart."""
+  head = ['run', 'model', 'norm', 'stem', 'ε (δ)', 'σ', 'clip C', 'expected batch', 'sampling',
           'augmult', 'feature mean σ', 'steps', 'val top-1 final', 'EMA val top-1 final']
   rows = [head]
   for run in runs:
@@ -241,6 +242,7 @@ def _privacy_table(runs):
     steps = run.scalars[logs.EPSILON][0]
     rows.append([
         run.name, _get(run.config, 'model.name'), _get(run.config, 'model.norm'),
+        _get(run.config, 'model.stem'),
         f'{_fmt(_last(run, logs.EPSILON))} ({dp.get("delta", "?")})',
         _fmt(_last(run, logs.NOISE_MULTIPLIER), digits=3), dp.get('l2_clip', '?'),
         run.config.get('batch_size', '?'), dp.get('sampling', '?'), dp.get('augmult', '?'),

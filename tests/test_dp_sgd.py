@@ -266,10 +266,12 @@ def test_the_report_tables_the_privacy_spent(reference, tmp_path):
   table = text.split('## Differential privacy (DP-SGD)')[1].split('##')[0]
   row = [line for line in table.splitlines() if line.startswith(f'| {reference.name} ')]
   eps = privacy.epsilon(BATCH / NUM_TRAIN, 0.7, STEPS, 1e-5)
-  assert len(row) == 1 and f'| {eps:.2f} (1e-05) | 0.700 | 0.5 | {BATCH} | poisson | 0 | — |' in row[0]
+  run = report.load_run(str(reference))
+  stem = run.config['model']['stem']
+  assert len(row) == 1 and (f'| {stem} | {eps:.2f} (1e-05) | 0.700 | 0.5 | {BATCH} | poisson | 0 '
+                            '| — |') in row[0]
   # The privacy-utility figure: the run's point at (epsilon spent, final test top-1).
   assert (tmp_path / 'privacy_utility.png').exists() and '![privacy_utility]' in table
-  run = report.load_run(str(reference))
   line = report._privacy_utility_figure([run]).axes[0].lines[0]
   top1 = run.scalars['eval/top1'][1][-1]
   assert list(line.get_xdata()) == pytest.approx([eps])

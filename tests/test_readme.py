@@ -146,6 +146,8 @@ def test_results_table_equals_the_reports():
               '—', mean('linear_e40_seed', dp_linear)),
           'DP-SGD at ε = 3, δ = 1e-5 (full data, 40 epochs), ScatterNet + linear on': (
               '—', mean('linear_centered_e40_seed', dp_linear)),
+          'DP-SGD at ε = 3, δ = 1e-5 (full data, 40 epochs), ScatterNet + linear at': (
+              '—', mean('linear_scatter12_e40_seed', dp_linear)),
           'DP-SGD at ε = 1,': ('—', dp_ws['r10_e30_eps1'][1]),
           'DP-SGD at ε = 8,': ('—', dp_ws['r10_e30_eps8'][1])}
   assert len(rows) == len(want)
