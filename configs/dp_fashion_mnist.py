@@ -234,8 +234,10 @@ trials):
   90.00 with the noise). The J = 1 coefficients (9 a channel at 14 x 14
   positions: 1,764 features, standardized in 3 groups) beside the J = 2
   ones (3,969): 90.44 +- 0.06, +0.53 on every seed; the J = 1 ones alone
-  89.27; beside the J = 2 with lr 10 / 24: 90.32 / 90.16 ->
-  ':linear_scatter12', model.stem='scatter12'.
+  89.27; beside the J = 2 with lr 10 / 24: 90.32 / 90.16, with C 0.2 and
+  lr 8 90.39, uncentered 90.20 +- 0.04 (centering still adds 0.24) ->
+  ':linear_scatter12', model.stem='scatter12'. In the trainer, seeds 0
+  and 1: 90.43 and 90.18 %.
 - Diagnostic, no privacy: the scatter-stem ResNet-10 with clipping alone
   (dp.noise_multiplier=0), 30 epochs, seed 0: 85.84 % at step 117, 87.93
   at 234, 88.58 at 351, 88.90 at 468, 89.23 at 585, 88.84 at 702, 89.22
