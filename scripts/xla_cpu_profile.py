@@ -30,6 +30,8 @@ import gzip
 import json
 import re
 
+from bnfree_jax.models import layers
+
 LINE = re.compile(r'^\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{[^}]*\})? (\S+?)\(')
 OP_NAME = re.compile(r'op_name="([^"]*)"')
 
@@ -48,9 +50,11 @@ def instructions(dump, program='train_step'):
 
 
 def classify(name, opcode, shape, op_name, batch):
-  backward = 'transpose(jvp(' in op_name
+  backward = re.search(r'transpose\((vmap\()?jvp\(', op_name)
   dims = [int(d) for d in re.findall(r'\d+', shape.split('[', 1)[-1].split(']')[0])]
   into_batch = bool(dims) and dims[0] == batch
+  if layers.PER_EXAMPLE_FILTER_GRAD in op_name:
+    return 'conv filter gradient'
   if 'reduce_window' in op_name:
     return 'max pool forward'
   if backward and re.search(r'jvp\(\w+\)\)/(select_and_scatter|select_n|jit\(_pad\)/pad|pad|'

@@ -27,12 +27,16 @@ ENTRY %main {
   %transpose_copy_fusion = f32[64,56,56,16]{3,2,1,0} fusion(%x), kind=kLoop
   %e = f32[16,28,28,128]{3,2,1,0} dot(%x, %w), metadata={op_name="jit(train_step)/jvp(ResNet)/b/proj_conv/dot_general"}
   ROOT %f = f32[64]{0} fusion(%x), kind=kLoop, metadata={op_name="jit(train_step)/add"}
+  %g = f32[16,28,28,8]{3,2,1,0} convolution(%x, %k), metadata={op_name="jit(accumulate)/vmap(transpose(vmap(jvp(ResNet))))/stage1_block0/conv1/conv_general_dilated"}
+  %concatenate_fusion = f32[16,3,3,1,8,28,28]{6,5,4,3,2,1,0} fusion(%x), kind=kLoop, metadata={op_name="jit(accumulate)/vmap(transpose(vmap(jvp(ResNet))))/stage1_block0/conv1/per_example_filter_grad/stack"}
 }
 '''
 CLASSES = {'a': 'max pool forward', 'b': 'max pool gradient', 'wrapped_iota': 'max pool gradient',
            'c': 'conv forward', 'd': 'conv input gradient',
            'ynn_fusion.3': 'conv filter gradient', 'transpose_copy_fusion': 'transposes and copies',
-           'e': '1x1 conv (dot) forward', 'f': 'elementwise, reductions, optimizer'}
+           'e': '1x1 conv (dot) forward', 'f': 'elementwise, reductions, optimizer',
+           # DP-SGD's per-example gradients (vmapped), layers.conv's filter gradient.
+           'g': 'conv input gradient', 'concatenate_fusion': 'conv filter gradient'}
 
 
 def test_classes_and_milliseconds_per_step(tmp_path, capsys, monkeypatch):
@@ -54,5 +58,5 @@ def test_classes_and_milliseconds_per_step(tmp_path, capsys, monkeypatch):
   rows = {line.split(' | ')[0].strip('| '): line.split(' | ')[1]
           for line in capsys.readouterr().out.splitlines()[2:]}
   # Thunk i takes i + 1 ms, over 2 steps: the pool's gradient is thunks 2 and 3.
-  assert rows['max pool gradient'] == '2' and rows['conv filter gradient'] == '3'
-  assert rows['all thunks'] == f'{sum(range(1, 10)) / 2:.0f}'
+  assert rows['max pool gradient'] == '2' and rows['conv filter gradient'] == f'{(6 + 11) / 2:.0f}'
+  assert rows['all thunks'] == f'{sum(range(1, 12)) / 2:.0f}'

@@ -16,6 +16,8 @@ from jax import lax
 # torchvision's kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
 HE_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
+PER_EXAMPLE_FILTER_GRAD = 'per_example_filter_grad'
+
 # Keeps 1/sigma finite for a channel that is constant on the init batch.
 _DDI_EPS = 1e-6
 
@@ -24,19 +26,79 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
          padding: str | Sequence[tuple[int, int]]) -> jax.Array:
   """lax.conv_general_dilated of NHWC x and an HWIO kernel.
 
-  On CPU a 1x1 convolution without padding is a strided slice and a dot:
-  XLA:CPU computes a convolution's filter gradient after transposing both
-  activations, and for 1x1 kernels that made it 2-9x slower than the dot's
-  (results/bench/cpu_gap.md); forward and input gradient are no slower.
+  Two CPU paths:
+  - a 1x1 convolution without padding is a strided slice and a dot: XLA:CPU
+    computes a convolution's filter gradient after transposing both
+    activations, and for 1x1 kernels that made it 2-9x slower than the dot's
+    (results/bench/cpu_gap.md); forward and input gradient are no slower;
+  - any other convolution keeps XLA's ops except under jax.vmap (per-example
+    gradients, DP-SGD), where its filter gradient is _per_example_filter_grad.
   """
   strides = tuple(strides)
   unpadded = isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding)
-  if jax.default_backend() == 'cpu' and kernel.shape[:2] == (1, 1) and unpadded:
+  cpu = jax.default_backend() == 'cpu'
+  if cpu and kernel.shape[:2] == (1, 1) and unpadded:
     # Without padding a 1x1 window sees the pixels s * o: 'SAME' pads none either.
     x = x[:, ::strides[0], ::strides[1]]
     return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
-  return lax.conv_general_dilated(x, kernel, strides, padding,
+  pads = (tuple(lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding))
+          if isinstance(padding, str) else tuple(tuple(p) for p in padding))
+  return (_conv_vmap_filter_grad if cpu else _lax_conv)(x, kernel, strides, pads)
+
+
+def _lax_conv(x, kernel, strides, pads):
+  return lax.conv_general_dilated(x, kernel, strides, pads,
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_vmap_filter_grad(x, kernel, strides, pads):
+  """_lax_conv, whose filter gradient under jax.vmap is _per_example_filter_grad."""
+  return _lax_conv(x, kernel, strides, pads)
+
+
+def _conv_vmap_filter_grad_fwd(x, kernel, strides, pads):
+  return _lax_conv(x, kernel, strides, pads), (x, kernel)
+
+
+def _conv_vmap_filter_grad_bwd(strides, pads, residuals, g):
+  x, kernel = residuals
+  # vjp, not linear_transpose: the latter drops shard_map's varying-axis types.
+  dx, = jax.vjp(lambda x: _lax_conv(x, kernel, strides, pads), x)[1](g)
+
+  @jax.custom_batching.custom_vmap
+  def filter_grad(x, g):
+    return jax.vjp(lambda k: _lax_conv(x, k, strides, pads), kernel)[1](g)[0]
+
+  @filter_grad.def_vmap
+  def _(axis_size, in_batched, x, g):
+    x, g = (v if batched else jnp.broadcast_to(v, (axis_size, *v.shape))
+            for v, batched in zip((x, g), in_batched))
+    return _per_example_filter_grad(x, g, kernel.shape[:2], strides, pads), True
+  return dx, filter_grad(x, g)
+
+
+_conv_vmap_filter_grad.defvjp(_conv_vmap_filter_grad_fwd, _conv_vmap_filter_grad_bwd)
+
+
+def _per_example_filter_grad(x: jax.Array, g: jax.Array, window: tuple[int, int],
+                             strides: tuple[int, int], pads) -> jax.Array:
+  """The filter gradients [B, kh, kw, C, O] of the examples x [B, N, H, W, C]
+  with output gradients g [B, N, Ho, Wo, O] (N images each, summed): one
+  batched dot of g and the kh * kw strided slices of the padded x that each
+  filter tap sees. XLA's own batching makes it a convolution grouped by
+  example, which XLA:CPU runs slowly: with it, the DP-SGD step took 2.2x the
+  plain step's time for the Fashion-MNIST recipe's ResNet-10 and 2.1x for a
+  ResNet-18 at 224 px (results/bench/dp_vs_opacus_*.md)."""
+  (kh, kw), (sh, sw), (ho, wo) = window, strides, g.shape[2:4]
+  with jax.named_scope(PER_EXAMPLE_FILTER_GRAD):  # Named for scripts/xla_cpu_profile.py.
+    # Channels before pixels, so that the taps (kh * kw copies of x) are
+    # written without a transpose and the dot contracts the minor axes.
+    x = lax.pad(jnp.moveaxis(x, -1, 2), jnp.zeros((), x.dtype),
+                [(0, 0, 0)] * 3 + [(lo, hi, 0) for lo, hi in pads])
+    taps = jnp.stack([jnp.stack([x[..., i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
+                                 for j in range(kw)], axis=1) for i in range(kh)], axis=1)
+    return jnp.einsum('bijnchw,bnohw->bijco', taps, jnp.moveaxis(g, -1, 2)).astype(g.dtype)
 
 
 def _conv_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, strides: Sequence[int],

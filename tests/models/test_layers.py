@@ -369,11 +369,14 @@ def test_max_pool_on_cpu_is_cpu_max_pool():
 
 @pytest.mark.parametrize('kernel,strides,padding', [
     (1, 1, ((0, 0), (0, 0))), (1, 2, ((0, 0), (0, 0))), (1, 2, 'SAME'), (1, 3, 'VALID'),
-    (3, 2, ((1, 1), (1, 1))), (1, 1, ((1, 1), (0, 0)))])
+    (3, 2, ((1, 1), (1, 1))), (1, 1, ((1, 1), (0, 0))), (3, 1, 'SAME'), (3, 2, ((1, 0), (0, 2))),
+    (7, 2, ((3, 3), (3, 3)))])
 def test_conv_and_its_gradients_equal_lax_conv(kernel, strides, padding):
-  """To float32 rounding: the 1x1 unpadded ones are dots, whose sums over
-  the input channels round differently; odd sizes, so strides drop pixels."""
-  x, w = _normal(3, 7, 9, 5), _normal(kernel, kernel, 5, 4)
+  """To float32 rounding, for a batch and, vmapped, per example (4 examples
+  of 2 images each): the 1x1 unpadded ones are dots, the others compute the
+  per-example filter gradient as a dot of shifted slices; the sums round
+  differently. Odd sizes, so strides drop pixels."""
+  x, w = _normal(4, 2, 7, 9, 5), _normal(kernel, kernel, 5, 4)
 
   def reference(x, w):
     return jax.lax.conv_general_dilated(x, w, (strides, strides), padding,
@@ -382,14 +385,23 @@ def test_conv_and_its_gradients_equal_lax_conv(kernel, strides, padding):
   def ours(x, w):
     return conv(x, w, (strides, strides), padding)
 
-  want, back = jax.vjp(reference, x, w)
-  got, back_ours = jax.vjp(ours, x, w)
-  assert got.shape == want.shape
-  cotangent = _normal(*want.shape)
-  for a, b in zip((got, *back_ours(cotangent)), (want, *back(cotangent))):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  def vjps(f, x, w, cotangent):
+    out, back = jax.vjp(f, x, w)
+    return out, *back(cotangent)
+
+  cotangent = _normal(4, *reference(x[0], w).shape)
+  per_example = jax.vmap(vjps, in_axes=(None, 0, None, 0))
+  for run in (lambda f: vjps(f, x[0], w, cotangent[0]),
+              lambda f: per_example(f, x, w, cotangent)):
+    for a, b in zip(run(ours), run(reference)):
+      assert a.shape == b.shape
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   is_dot = kernel == 1 and (isinstance(padding, str) or padding[0] == (0, 0))
-  assert ('conv_general_dilated' in str(jax.make_jaxpr(ours)(x, w))) != is_dot
+  assert ('conv_general_dilated' in str(jax.make_jaxpr(ours)(x[0], w))) != is_dot
+  # XLA's own vmapped filter gradient is a convolution grouped by example.
+  grouped = lambda f: 'feature_group_count=4' in str(jax.make_jaxpr(
+      lambda x: per_example(f, x, w, cotangent))(x))
+  assert grouped(reference) and not grouped(ours)
 
 
 def test_conv_module_is_flax_conv():
