@@ -8,10 +8,11 @@ Each round runs `python -m bnfree_jax.bench --variants group,dp` and then
 torch_peer.py `--norms group,dp` (Opacus), each on one thread pinned to
 --core, alternating so that a change of load hits both. The network is
 torchvision's ResNet with GroupNorm where BN was, in both frameworks: the
-Fashion-MNIST recipe's (configs/dp_fashion_mnist.py: its model and width,
-small stem, 28 px, one micro-batch) and a ResNet-18 at ImageNet's size
-(width 64, 224 px, batch 16). Writes OUT.json (every record, `round` added)
-and OUT.md (the table).
+Fashion-MNIST recipe's (configs/dp_fashion_mnist.py: its model, width and
+stem, one micro-batch, on Fashion-MNIST's 28 px, 1 channel and 10 classes)
+and a ResNet-18 at ImageNet's size (width 64, 224 px, 3 channels, 1000
+classes, batch 16). Writes OUT.json (every record, `round` added) and OUT.md
+(the table).
 """
 
 import argparse
@@ -22,14 +23,16 @@ import subprocess
 import sys
 import tempfile
 
+from bnfree_jax import datasets
 from configs import dp_fashion_mnist  # The installed package, as the trainer loads it.
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RECIPE = dp_fashion_mnist.get_config()
-SHAPES = {  # name -> (model, width, stem, image size, batch size)
-    'recipe': (_RECIPE.model.name, _RECIPE.model.width, _RECIPE.model.stem, 28,
-               _RECIPE.dp.microbatch_size),
-    'imagenet': ('resnet18', 64, 'imagenet', 224, 16),
+_CLASSES, _SIZE, _MEAN, _ = datasets.SPECS[_RECIPE.dataset]
+SHAPES = {  # name -> (model, width, stem, image size, batch size, classes, channels)
+    'recipe': (_RECIPE.model.name, _RECIPE.model.width, _RECIPE.model.stem, _SIZE,
+               _RECIPE.dp.microbatch_size, _CLASSES, len(_MEAN)),
+    'imagenet': ('resnet18', 64, 'imagenet', 224, 16, 1000, 3),
 }
 
 
@@ -46,9 +49,10 @@ def measure(args):
   with tempfile.TemporaryDirectory() as tmp:
     for r in range(args.rounds):
       for shape in args.shapes:
-        model, width, stem, size, batch = SHAPES[shape]
+        model, width, stem, size, batch, classes, channels = SHAPES[shape]
         geometry = ['--models', model, '--width', str(width), '--stem', stem,
-                    '--image-size', str(size), '--batch-size', str(batch)]
+                    '--image-size', str(size), '--batch-size', str(batch),
+                    '--num-classes', str(classes), '--channels', str(channels)]
         out = os.path.join(tmp, f'jax_{shape}_{r}.json')
         _run(['taskset', '-c', str(args.core), sys.executable, '-m', 'bnfree_jax.bench',
               '--variants', 'group,dp', *geometry, *common, '--json', out],
@@ -92,6 +96,8 @@ def table(records):
     first = next(r for r in records if r['shape'] == shape and r['framework'] == 'torch')
     model, width, stem, size, batch = (first[k] for k in ('model', 'width', 'stem', 'image_size',
                                                           'batch_size'))
+    # Records from before --num-classes and --channels: ImageNet's.
+    classes, channels = first.get('num_classes', 1000), first.get('channels', 3)
     cell = {}
     for framework in ('bnfree_jax', 'torch'):
       for variant in ('group', 'dp'):
@@ -103,7 +109,7 @@ def table(records):
     fmt = lambda c: f'{c[0]:.2f} ({c[1]:.2f})'
     lines.append(
         f"| {model.replace('resnet', 'ResNet-')} GroupNorm, width {width}, {stem} stem, "
-        f"{size} px, batch {batch} | "
+        f"{size} px x {channels}, {classes} classes, batch {batch} | "
         f"{fmt(cell['bnfree_jax', 'group'])} | {fmt(cell['bnfree_jax', 'dp'])} | "
         f"{jax_ratio:.2f} | {fmt(cell['torch', 'group'])} | {fmt(cell['torch', 'dp'])} | "
         f"{torch_ratio:.2f} (CPU) | "

@@ -67,9 +67,10 @@ def test_dp_row_is_held_against_its_nonprivate_twin(tmp_path, capsys):
   out = tmp_path / 'bench.json'
   assert cli.main(['--models', 'resnet10', '--variants', 'group,dp', '--width', '8',
                    '--image-size', '16', '--batch-size', '4', '--steps', '3', '--warmup', '1',
-                   '--json', str(out)]) == 0
+                   '--num-classes', '10', '--channels', '1', '--json', str(out)]) == 0
   group, dp = json.loads(out.read_text())
   assert (group['norm'], dp['norm'], dp['variant']) == ('group', 'group', 'dp')
+  assert {(r['num_classes'], r['channels']) for r in (group, dp)} == {(10, 1)}  # Fashion-MNIST's.
   assert dp['all_finite'] and dp['compile_s'] is None and dp['flops_per_step'] is None
   _images_per_sec_agree(dp)
   assert dp['ratio_to_nonprivate'] == pytest.approx(statistics.median(
@@ -130,6 +131,8 @@ def test_suite_plan_gives_nf_resnet50_its_own_variant_and_peer():
     (['--suite', 'gpu', '--models', 'nf_resnet50', '--variants', 'batch'], 'nf_agc only'),
     (['--input', 'cifar10'], 'fashion_mnist'),
     (['--steps', '0'], '>= 1'),
+    (['--num-classes', '1'], '>= 2'),
+    (['--suite', 'gpu', '--channels', '1'], 'train step only'),
     (['--suite', 'tpu'], 'gpu'),
     (['--suite', 'gpu', '--variants', 'weight+bf16'], 'weight_clip_dropout'),
     (['--suite', 'gpu', '--compute-dtype', 'float16'], 'bfloat16'),

@@ -79,6 +79,8 @@ def _parser():
                  'resnet18, 256 and 128 for resnet50')
   p.add_argument('--image-size', type=int, default=None, help='224')
   p.add_argument('--width', type=int, default=64, help='channels of the first stage')
+  p.add_argument('--num-classes', type=int, default=1000, help='(train step) 1000: ImageNet\'s')
+  p.add_argument('--channels', type=int, default=3, help='(train step) of the input images')
   p.add_argument('--stem', default='imagenet',
                  help=f'{" | ".join(models.resnet.STEMS)} (small: 3x3 stride 1, no max pool: '
                  'the Fashion-MNIST twin\'s; small_s2: the same at stride 2)')
@@ -152,7 +154,7 @@ def _validate(args):
   _defaults(args)
   for key, minimum in (('steps', 1), ('warmup', 0), ('batch_size', 1), ('image_size', 1),
                        ('width', 1), ('seconds', 0.1), ('group_size', 1), ('e2e_steps', 0),
-                       ('budget_s', 1)):
+                       ('budget_s', 1), ('num_classes', 2), ('channels', 1)):
     value = getattr(args, key)
     if value is not None and value < minimum:
       raise InputError(f'--{key.replace("_", "-")}={value} must be >= {minimum}')
@@ -160,6 +162,8 @@ def _validate(args):
                                  ('--suite', args.suite)) if on]
   if len(modes) > 1:
     raise InputError(f'{" and ".join(modes)} cannot be combined: give one of them')
+  if modes and (args.num_classes, args.channels) != (1000, 3):
+    raise InputError(f'--num-classes and --channels apply to the train step only, not to {modes[0]}')
   if args.dry_run and not args.suite:
     raise InputError('--dry-run applies to --suite only')
   _one_of('--stem', args.stem, models.resnet.STEMS)
@@ -278,7 +282,8 @@ def main(argv=None) -> int:
     return 0
 
   runs = [train_step.Run(model, variant, train_step.variant_config(
-      model, variant, args.batch_size, args.image_size, args.width, args.stem))
+      model, variant, args.batch_size, args.image_size, args.width, args.stem,
+      args.num_classes, args.channels))
           for model, variant in train_step.rows(args.models, args.variants)]
   # A --lockstep worker of the CPU flag sweep waits for its turn at each phase.
   gate = cpu_flags.lockstep_gate if args.lockstep else (lambda: None)

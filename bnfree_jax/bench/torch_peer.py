@@ -113,26 +113,29 @@ def _narrow(net, width):
   return net
 
 
-def build(model, norm, width=64, stem='imagenet'):
+def build(model, norm, width=64, stem='imagenet', num_classes=1000, channels=3):
   """torchvision's model with BN, or without BN and with weight-normalized
   convs, optionally narrower and with one of bnfree_jax's small stems (a 3x3
   conv at stride 1 or 2, small_s2, no max pool); timm's NF-ResNet."""
   if norm == 'nf_agc':
     import timm  # Only here: the other rows need no timm.
-    return timm.create_model(model, num_classes=1000)
+    return timm.create_model(model, num_classes=num_classes, in_chans=channels)
   # nn.Identity takes (and ignores) the channel count torchvision passes.
   norm_layer = {'batch': nn.BatchNorm2d, 'weight': nn.Identity}.get(
       norm, lambda channels: nn.GroupNorm(math.gcd(GN_GROUPS, width), channels))
   # torchvision builds ResNet-10 (one BasicBlock a stage) but names no function for it.
   net = (torchvision.models.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1],
-                                   num_classes=1000, norm_layer=norm_layer)
+                                   num_classes=num_classes, norm_layer=norm_layer)
          if model == 'resnet10' else
-         getattr(torchvision.models, model)(num_classes=1000, norm_layer=norm_layer))
+         getattr(torchvision.models, model)(num_classes=num_classes, norm_layer=norm_layer))
   if width != 64:
     net = _narrow(net, width)
   if stem in SMALL_STEMS:
     net.conv1 = nn.Conv2d(3, width, 3, stride=SMALL_STEMS[stem], padding=1, bias=False)
     net.maxpool = nn.Identity()
+  if channels != 3:
+    c = net.conv1
+    net.conv1 = nn.Conv2d(channels, c.out_channels, c.kernel_size, c.stride, c.padding, bias=False)
   if norm == 'weight':
     _weight_norm_convs(net)
   return net
@@ -183,10 +186,11 @@ def _sync(device):
 
 
 def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps, warmup,
-            device, trace_dir=None, width=64, stem='imagenet'):
+            device, trace_dir=None, width=64, stem='imagenet', num_classes=1000, channels=3):
   """One row: median step time of `steps` timed steps after `warmup` ones."""
   torch.manual_seed(0)
-  model = build(model_name, norm, width, stem).to(device, memory_format=torch.channels_last)
+  model = build(model_name, norm, width, stem, num_classes, channels).to(
+      device, memory_format=torch.channels_last)
   model.train()
   optimizer = torch.optim.SGD(model.parameters(), lr=BASE_LR[norm], momentum=0.9,
                               weight_decay=1e-4)
@@ -202,9 +206,9 @@ def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps
     from timm.utils import adaptive_clip_grad
     clipped = [p for name, p in model.named_parameters() if not name.startswith('head.')]
   loss_fn = nn.CrossEntropyLoss()
-  x = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(
+  x = torch.randn(batch_size, channels, image_size, image_size, device=device).contiguous(
       memory_format=torch.channels_last)
-  y = torch.randint(0, 1000, (batch_size,), device=device)
+  y = torch.randint(0, num_classes, (batch_size,), device=device)
   amp = compute_dtype == 'bfloat16'
 
   def step():
@@ -250,7 +254,7 @@ def measure(model_name, norm, mode, compute_dtype, batch_size, image_size, steps
       framework='torch', mode=mode, model=model_name,
       variant=norm + ('+bf16' if amp else ''), norm=norm, compute_dtype=compute_dtype,
       amp=amp, channels_last=True, batch_size=batch_size, image_size=image_size, width=width,
-      stem=stem,
+      stem=stem, num_classes=num_classes, channels=channels,
       steps=len(timed), warmup=warmup, step_time_ms=1e3 * median,
       step_time_ms_min=1e3 * min(timed), step_time_ms_max=1e3 * max(timed),
       step_times_ms=[1e3 * t for t in timed], images_per_sec=batch_size / median,
@@ -291,6 +295,8 @@ def _rows(args):
     raise BadInput('--device cuda: torch sees no CUDA device; allowed here: cpu')
   for name, value, minimum in (('--batch-size', args.batch_size, 1),
                                ('--image-size', args.image_size, 1), ('--width', args.width, 1),
+                               ('--num-classes', args.num_classes, 2),
+                               ('--channels', args.channels, 1),
                                ('--steps', args.steps, 1), ('--warmup', args.warmup, 0)):
     if value < minimum:
       raise BadInput(f'{name}={value} must be >= {minimum}')
@@ -315,6 +321,8 @@ def main(argv=None):
   p.add_argument('--batch-size', type=int, default=256)
   p.add_argument('--image-size', type=int, default=224)
   p.add_argument('--width', type=int, default=64, help='channels of the first stage')
+  p.add_argument('--num-classes', type=int, default=1000)
+  p.add_argument('--channels', type=int, default=3, help='of the input images')
   p.add_argument('--stem', default='imagenet',
                  help='imagenet | small | small_s2 (3x3 stride 1 or 2, no max pool)')
   p.add_argument('--steps', type=int, default=20)
@@ -352,7 +360,8 @@ def main(argv=None):
     _progress(f'{model} {norm} {mode} {args.compute_dtype} batch {args.batch_size}')
     print(json.dumps(measure(model, norm, mode, args.compute_dtype, args.batch_size,
                              args.image_size, args.steps, args.warmup, device, args.trace,
-                             args.width, args.stem)), flush=True)
+                             args.width, args.stem, args.num_classes, args.channels)),
+          flush=True)
     # The row's model and optimizer are gone with measure(); its compiled
     # graphs and cached blocks go here, before the next row.
     torch._dynamo.reset()

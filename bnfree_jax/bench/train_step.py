@@ -137,7 +137,8 @@ def rows(model_names, variants):
   return pairs
 
 
-def variant_config(model, variant, batch_size, image_size, width, stem='imagenet'):
+def variant_config(model, variant, batch_size, image_size, width, stem='imagenet',
+                   num_classes=1000, channels=3):
   """The trainer's config for one table row, on in-memory synthetic data."""
   base, *options = variant.split('+')
   spec = VARIANTS[base]
@@ -145,7 +146,7 @@ def variant_config(model, variant, batch_size, image_size, width, stem='imagenet
   c.dataset = 'synthetic'
   # setup() only reads these numbers; the bench feeds its own batch, so the
   # synthetic images themselves are never generated.
-  c.synthetic.update(image_size=image_size, channels=3, num_classes=1000,
+  c.synthetic.update(image_size=image_size, channels=channels, num_classes=num_classes,
                      num_train=max(1024, batch_size), num_eval=batch_size)
   c.batch_size = batch_size
   c.num_train_steps = 10_000  # Only shapes the schedules.
@@ -289,6 +290,7 @@ def _finish(run, warmup, load_start, load_end, other_cores, machine):
       compute_dtype=c.compute_dtype, dropout_rate=c.model.dropout_rate,
       grad_clip=c.grad_clip.mode, width=c.model.width, batch_size=c.batch_size,
       image_size=c.synthetic.image_size if c.dataset == 'synthetic' else None,
+      num_classes=run.setup.info.num_classes, channels=run.setup.info.image_shape[-1],
       dataset=c.dataset, steps=len(timed), warmup=warmup,
       step_time_ms=1e3 * median, step_time_ms_min=1e3 * min(timed),
       step_time_ms_max=1e3 * max(timed), step_times_ms=[1e3 * t for t in timed],
