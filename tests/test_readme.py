@@ -177,3 +177,21 @@ def test_lr_find_table_equals_its_sweeps():
     for column, key in (('steepest', 'steepest'), ('lowest loss', 'largest'),
                         ('diverged at', 'diverged_at')):
       assert row[column] == f'{result[key]:.2g}', (label, column)
+
+
+def test_dp_speed_sentence_and_table_equal_the_bench():
+  """README's DP-SGD speed sentence and docs/privacy.md's speed table say
+  what the committed dp_vs_opacus tables say."""
+  bench = {}
+  for name in ('dp_vs_opacus_recipe_r10_amd', 'dp_vs_opacus_imagenet'):
+    row, = markdown_tables((REPO / 'results' / 'bench' / f'{name}.md').read_text())[0]
+    bench[name] = (row['bnfree_jax dp ÷ group'],
+                   row['bnfree_jax dp ÷ Opacus dp, CPU (wall)'].split('**')[1])
+  ratio, opacus = bench['dp_vs_opacus_recipe_r10_amd']
+  assert (f"recipe's ResNet-10 takes {ratio}x its non-private step and {opacus}x Opacus's"
+          in ' '.join(README.split()))
+  docs = readme_table('bnfree_jax DP ÷ Opacus DP', 'docs/privacy.md')
+  for name, prefix in (('dp_vs_opacus_recipe_r10_amd', 'ResNet-10'),
+                       ('dp_vs_opacus_imagenet', 'ResNet-18')):
+    row, = (r for first, r in docs.items() if first.startswith(prefix))
+    assert (row['bnfree_jax DP ÷ plain'], row['bnfree_jax DP ÷ Opacus DP']) == bench[name]

@@ -87,9 +87,8 @@ def _per_example_filter_grad(x: jax.Array, g: jax.Array, window: tuple[int, int]
   with output gradients g [B, N, Ho, Wo, O] (N images each, summed): one
   batched dot of g and the kh * kw strided slices of the padded x that each
   filter tap sees. XLA's own batching makes it a convolution grouped by
-  example, which XLA:CPU runs slowly: with it, the DP-SGD step took 2.2x the
-  plain step's time for the Fashion-MNIST recipe's ResNet-10 and 2.1x for a
-  ResNet-18 at 224 px (results/bench/dp_vs_opacus_*.md)."""
+  example, which XLA:CPU runs slowly: with it the DP-SGD step of a ResNet-18
+  at 224 px took 2.02x its plain step, with this 1.36x (docs/privacy.md#speed)."""
   (kh, kw), (sh, sw), (ho, wo) = window, strides, g.shape[2:4]
   with jax.named_scope(PER_EXAMPLE_FILTER_GRAD):  # Named for scripts/xla_cpu_profile.py.
     # Channels before pixels, so that the taps (kh * kw copies of x) are
