@@ -97,7 +97,9 @@ def _per_example_filter_grad(x: jax.Array, g: jax.Array, window: tuple[int, int]
                 [(0, 0, 0)] * 3 + [(lo, hi, 0) for lo, hi in pads])
     taps = jnp.stack([jnp.stack([x[..., i:i + sh * (ho - 1) + 1:sh, j:j + sw * (wo - 1) + 1:sw]
                                  for j in range(kw)], axis=1) for i in range(kh)], axis=1)
-    return jnp.einsum('bijnchw,bnohw->bijco', taps, jnp.moveaxis(g, -1, 2)).astype(g.dtype)
+    # Summed in float32 under bfloat16 compute too, whatever the dot's default.
+    return jnp.einsum('bijnchw,bnohw->bijco', taps, jnp.moveaxis(g, -1, 2),
+                      preferred_element_type=jnp.float32).astype(g.dtype)
 
 
 def _conv_bias(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, strides: Sequence[int],

@@ -404,6 +404,21 @@ def test_conv_and_its_gradients_equal_lax_conv(kernel, strides, padding):
   assert grouped(reference) and not grouped(ours)
 
 
+def test_per_example_filter_gradients_in_bfloat16():
+  """Under bfloat16 compute, float32's to bfloat16's rounding of inputs and
+  result, over 28x28 pixels, and in bfloat16 (custom_vjp wants the kernel's
+  dtype back)."""
+  x, w, g = _normal(3, 1, 28, 28, 8), _normal(3, 3, 8, 4), _normal(3, 1, 28, 28, 4)
+
+  def filter_grads(dtype):
+    grad = lambda x, g: jax.vjp(lambda w: conv(x, w, (1, 1), 'SAME'), w.astype(dtype))[1](g)[0]
+    return jax.vmap(grad)(x.astype(dtype), g.astype(dtype))
+
+  want, got = filter_grads(jnp.float32), filter_grads(jnp.bfloat16)
+  assert got.dtype == jnp.bfloat16
+  np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.03, atol=0.03 * np.abs(want).max())
+
+
 def test_conv_module_is_flax_conv():
   x = _normal(2, 7, 7, 3)
   for kwargs in (dict(kernel_size=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1))),
