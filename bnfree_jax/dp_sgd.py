@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bnfree_jax.models import layers
+
 AUGMENT_PAD = 4  # Pixels of pad-crop (reflected), as CIFAR's usual 4.
 # Keeps C / ||g|| finite for a zero gradient and the clipped norm strictly
 # below C in float32 (Opacus's 1e-6).
@@ -39,7 +41,8 @@ def clipped_sum(example_grad, params, examples, mask, l2_clip: float):
   pytree of per-example rows); it is vmapped over the rows of `examples`.
   Rows whose mask is False contribute exactly zero.
   """
-  grads, aux = jax.vmap(example_grad, in_axes=(None, 0))(params, examples)
+  with layers.per_example_gradients():
+    grads, aux = jax.vmap(example_grad, in_axes=(None, 0))(params, examples)
   norms = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
                        for g in jax.tree.leaves(grads)))
   scale = jnp.where(mask, clip_scale(norms, l2_clip), 0.0)

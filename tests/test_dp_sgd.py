@@ -3,6 +3,7 @@ gradients clipped by hand, padding that counts for nothing, the noise's
 spread and its independence of the mesh, the update it makes, and a DP run
 that resumes bit for bit."""
 
+import contextlib
 import functools
 import math
 import os
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from bnfree_jax import dp_sgd, input_pipeline, metrics, privacy, report, runtime, train
+from bnfree_jax.models import layers
 from conftest import REPO, load_config
 from test_train_state import StopAt, logged, saved
 
@@ -116,6 +118,18 @@ def check_clipped_sum(s, state, augmult=0, **overrides):
 @pytest.mark.parametrize('augmult', [0, 2])
 def test_clipped_sum_is_single_example_gradients_clipped_by_hand(one_device, augmult):
   check_clipped_sum(*one_device, augmult)
+
+
+def test_per_example_filter_gradients_are_dots_not_grouped_convolutions(one_device, monkeypatch):
+  """dp_sums traces its per-example gradients inside
+  layers.per_example_gradients(); without it, XLA's vmapped filter gradient
+  is a convolution grouped by the 8 examples, slow on CPU (docs/privacy.md#speed)."""
+  s, state = one_device
+  batch = microbatch(s, [3, 9, 12, 20, 33, 41, 0, 0], [True] * 6 + [False] * 2)
+  program = lambda: str(jax.make_jaxpr(functools.partial(train.dp_sums, s=s))(state, batch))
+  assert 'conv_general_dilated' in program() and 'feature_group_count=8' not in program()
+  monkeypatch.setattr(layers, 'per_example_gradients', contextlib.nullcontext)
+  assert 'feature_group_count=8' in program()
 
 
 def test_padded_rows_change_nothing(one_device):

@@ -3,6 +3,8 @@
 dropout, stochastic depth, batch norm with per-device statistics, and a
 convolution and a max pool whose gradients are cheap on CPU."""
 
+import contextlib
+import contextvars
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -17,6 +19,7 @@ from jax import lax
 HE_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 PER_EXAMPLE_FILTER_GRAD = 'per_example_filter_grad'
+_PER_EXAMPLE = contextvars.ContextVar(PER_EXAMPLE_FILTER_GRAD, default=False)
 
 # Keeps 1/sigma finite for a channel that is constant on the init batch.
 _DDI_EPS = 1e-6
@@ -31,8 +34,8 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     computes a convolution's filter gradient after transposing both
     activations, and for 1x1 kernels that made it 2-9x slower than the dot's
     (results/bench/cpu_gap.md); forward and input gradient are no slower;
-  - any other convolution keeps XLA's ops except under jax.vmap (per-example
-    gradients, DP-SGD), where its filter gradient is _per_example_filter_grad.
+  - inside per_example_gradients(), any other convolution's filter gradient
+    under jax.vmap is _per_example_filter_grad.
   """
   strides = tuple(strides)
   unpadded = isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding)
@@ -41,13 +44,29 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int],
     # Without padding a 1x1 window sees the pixels s * o: 'SAME' pads none either.
     x = x[:, ::strides[0], ::strides[1]]
     return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
-  pads = (tuple(lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding))
-          if isinstance(padding, str) else tuple(tuple(p) for p in padding))
-  return (_conv_vmap_filter_grad if cpu else _lax_conv)(x, kernel, strides, pads)
+  if cpu and _PER_EXAMPLE.get():
+    pads = (tuple(lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding))
+            if isinstance(padding, str) else tuple(tuple(p) for p in padding))
+    return _conv_vmap_filter_grad(x, kernel, strides, pads)
+  return _lax_conv(x, kernel, strides, padding)
 
 
-def _lax_conv(x, kernel, strides, pads):
-  return lax.conv_general_dilated(x, kernel, strides, pads,
+@contextlib.contextmanager
+def per_example_gradients():
+  """Models traced inside compute, on CPU, their convolutions' per-example
+  filter gradients (under jax.vmap) as _per_example_filter_grad, through a
+  custom VJP: DP-SGD's per-example gradients are traced inside. Outside,
+  conv() is XLA's own and takes every transformation (forward mode and
+  higher orders too, which the custom VJP does not)."""
+  token = _PER_EXAMPLE.set(True)
+  try:
+    yield
+  finally:
+    _PER_EXAMPLE.reset(token)
+
+
+def _lax_conv(x, kernel, strides, padding):
+  return lax.conv_general_dilated(x, kernel, strides, padding,
                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 

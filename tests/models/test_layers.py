@@ -9,7 +9,8 @@ import pytest
 
 from bnfree_jax.models import (RELU_GAMMA, DropPath, Dropout, ResNet18, WNConv, WSConv,
                                data_dependent_init)
-from bnfree_jax.models.layers import Conv, GroupedBatchNorm, conv, cpu_max_pool, max_pool
+from bnfree_jax.models.layers import (Conv, GroupedBatchNorm, conv, cpu_max_pool, max_pool,
+                                      per_example_gradients)
 
 
 RNG = np.random.default_rng(0)
@@ -373,9 +374,10 @@ def test_max_pool_on_cpu_is_cpu_max_pool():
     (7, 2, ((3, 3), (3, 3)))])
 def test_conv_and_its_gradients_equal_lax_conv(kernel, strides, padding):
   """To float32 rounding, for a batch and, vmapped, per example (4 examples
-  of 2 images each): the 1x1 unpadded ones are dots, the others compute the
-  per-example filter gradient as a dot of shifted slices; the sums round
-  differently. Odd sizes, so strides drop pixels."""
+  of 2 images each), outside per_example_gradients() and inside, where the
+  per-example filter gradients are dots of shifted slices; the 1x1 unpadded
+  ones are dots anyway. The sums round differently. Odd sizes, so strides
+  drop pixels. Outside, forward mode works as for lax's."""
   x, w = _normal(4, 2, 7, 9, 5), _normal(kernel, kernel, 5, 4)
 
   def reference(x, w):
@@ -385,36 +387,46 @@ def test_conv_and_its_gradients_equal_lax_conv(kernel, strides, padding):
   def ours(x, w):
     return conv(x, w, (strides, strides), padding)
 
+  def ours_per_example(x, w):
+    with per_example_gradients():
+      return ours(x, w)
+
   def vjps(f, x, w, cotangent):
     out, back = jax.vjp(f, x, w)
     return out, *back(cotangent)
 
   cotangent = _normal(4, *reference(x[0], w).shape)
   per_example = jax.vmap(vjps, in_axes=(None, 0, None, 0))
-  for run in (lambda f: vjps(f, x[0], w, cotangent[0]),
-              lambda f: per_example(f, x, w, cotangent)):
-    for a, b in zip(run(ours), run(reference)):
-      assert a.shape == b.shape
-      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  batch = lambda f: vjps(f, x[0], w, cotangent[0])
+  examples = lambda f: per_example(f, x, w, cotangent)
+  forward_mode = lambda f: jax.jvp(f, (x[0], w), (x[1], w[::-1]))
+  for run, functions in ((batch, (ours, ours_per_example)), (examples, (ours, ours_per_example)),
+                         (forward_mode, (ours,))):
+    for f in functions:
+      for a, b in zip(run(f), run(reference)):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   is_dot = kernel == 1 and (isinstance(padding, str) or padding[0] == (0, 0))
   assert ('conv_general_dilated' in str(jax.make_jaxpr(ours)(x[0], w))) != is_dot
   # XLA's own vmapped filter gradient is a convolution grouped by example.
   grouped = lambda f: 'feature_group_count=4' in str(jax.make_jaxpr(
       lambda x: per_example(f, x, w, cotangent))(x))
-  assert grouped(reference) and not grouped(ours)
+  assert grouped(reference) and grouped(ours) != is_dot and not grouped(ours_per_example)
 
 
 def test_per_example_filter_gradients_in_bfloat16():
-  """Under bfloat16 compute, float32's to bfloat16's rounding of inputs and
-  result, over 28x28 pixels, and in bfloat16 (custom_vjp wants the kernel's
-  dtype back)."""
+  """Under bfloat16 compute, XLA's float32 ones to bfloat16's rounding of
+  inputs and result, over 28x28 pixels, and in bfloat16 (custom_vjp wants
+  the kernel's dtype back)."""
   x, w, g = _normal(3, 1, 28, 28, 8), _normal(3, 3, 8, 4), _normal(3, 1, 28, 28, 4)
 
   def filter_grads(dtype):
     grad = lambda x, g: jax.vjp(lambda w: conv(x, w, (1, 1), 'SAME'), w.astype(dtype))[1](g)[0]
     return jax.vmap(grad)(x.astype(dtype), g.astype(dtype))
 
-  want, got = filter_grads(jnp.float32), filter_grads(jnp.bfloat16)
+  want = filter_grads(jnp.float32)
+  with per_example_gradients():
+    got = filter_grads(jnp.bfloat16)
   assert got.dtype == jnp.bfloat16
   np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.03, atol=0.03 * np.abs(want).max())
 
