@@ -107,7 +107,7 @@ def _per_example_filter_grad(x: jax.Array, g: jax.Array, window: tuple[int, int]
   batched dot of g and the kh * kw strided slices of the padded x that each
   filter tap sees. XLA's own batching makes it a convolution grouped by
   example, which XLA:CPU runs slowly: with it the DP-SGD step of a ResNet-18
-  at 224 px took 2.02x its plain step, with this 1.36x (docs/privacy.md#speed)."""
+  at 224 px took 2.02x its plain step, with this 1.40x (docs/privacy.md#speed)."""
   (kh, kw), (sh, sw), (ho, wo) = window, strides, g.shape[2:4]
   with jax.named_scope(PER_EXAMPLE_FILTER_GRAD):  # Named for scripts/xla_cpu_profile.py.
     # Channels before pixels, so that the taps (kh * kw copies of x) are
