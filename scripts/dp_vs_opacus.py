@@ -28,11 +28,18 @@ from configs import dp_fashion_mnist  # The installed package, as the trainer lo
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _RECIPE = dp_fashion_mnist.get_config()
-_CLASSES, _SIZE, _MEAN, _ = datasets.SPECS[_RECIPE.dataset]
-SHAPES = {  # name -> (model, width, stem, image size, batch size, classes, channels)
-    'recipe': (_RECIPE.model.name, _RECIPE.model.width, _RECIPE.model.stem, _SIZE,
-               _RECIPE.dp.microbatch_size, _CLASSES, len(_MEAN)),
-    'imagenet': ('resnet18', 64, 'imagenet', 224, 16, 1000, 3),
+
+
+def _data(dataset):
+  """(image size, classes, channels) of a dataset's images."""
+  classes, size, mean, _ = datasets.SPECS[dataset]
+  return size, classes, len(mean)
+
+
+SHAPES = {  # name -> (model, width, stem, batch size, image size, classes, channels)
+    'recipe': (_RECIPE.model.name, _RECIPE.model.width, _RECIPE.model.stem,
+               _RECIPE.dp.microbatch_size, *_data(_RECIPE.dataset)),
+    'imagenet': ('resnet18', 64, 'imagenet', 16, *_data('imagenet2012')),
 }
 
 
@@ -49,7 +56,7 @@ def measure(args):
   with tempfile.TemporaryDirectory() as tmp:
     for r in range(args.rounds):
       for shape in args.shapes:
-        model, width, stem, size, batch, classes, channels = SHAPES[shape]
+        model, width, stem, batch, size, classes, channels = SHAPES[shape]
         geometry = ['--models', model, '--width', str(width), '--stem', stem,
                     '--image-size', str(size), '--batch-size', str(batch),
                     '--num-classes', str(classes), '--channels', str(channels)]
@@ -97,7 +104,9 @@ def table(records):
     model, width, stem, size, batch = (first[k] for k in ('model', 'width', 'stem', 'image_size',
                                                           'batch_size'))
     # Records from before --num-classes and --channels: ImageNet's.
-    classes, channels = first.get('num_classes', 1000), first.get('channels', 3)
+    _, imagenet_classes, imagenet_channels = _data('imagenet2012')
+    classes = first.get('num_classes', imagenet_classes)
+    channels = first.get('channels', imagenet_channels)
     cell = {}
     for framework in ('bnfree_jax', 'torch'):
       for variant in ('group', 'dp'):

@@ -79,8 +79,10 @@ def _parser():
                  'resnet18, 256 and 128 for resnet50')
   p.add_argument('--image-size', type=int, default=None, help='224')
   p.add_argument('--width', type=int, default=64, help='channels of the first stage')
-  p.add_argument('--num-classes', type=int, default=1000, help='(train step) 1000: ImageNet\'s')
-  p.add_argument('--channels', type=int, default=3, help='(train step) of the input images')
+  p.add_argument('--num-classes', type=int, default=train_step.NUM_CLASSES,
+                 help='(train step) ImageNet\'s by default')
+  p.add_argument('--channels', type=int, default=train_step.CHANNELS,
+                 help='(train step) of the input images')
   p.add_argument('--stem', default='imagenet',
                  help=f'{" | ".join(models.resnet.STEMS)} (small: 3x3 stride 1, no max pool: '
                  'the Fashion-MNIST twin\'s; small_s2: the same at stride 2)')
@@ -162,8 +164,9 @@ def _validate(args):
                                  ('--suite', args.suite)) if on]
   if len(modes) > 1:
     raise InputError(f'{" and ".join(modes)} cannot be combined: give one of them')
-  if modes and (args.num_classes, args.channels) != (1000, 3):
-    raise InputError(f'--num-classes and --channels apply to the train step only, not to {modes[0]}')
+  if modes and (args.num_classes, args.channels) != (train_step.NUM_CLASSES, train_step.CHANNELS):
+    raise InputError('--num-classes and --channels apply to the train step only, '
+                     f'not to {modes[0]}')
   if args.dry_run and not args.suite:
     raise InputError('--dry-run applies to --suite only')
   _one_of('--stem', args.stem, models.resnet.STEMS)

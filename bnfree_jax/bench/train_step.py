@@ -12,7 +12,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from bnfree_jax import models, train
+from bnfree_jax import datasets, models, train
 from bnfree_jax.bench import common
 from bnfree_jax.logs import format_duration
 from bnfree_jax.workdir import InputError
@@ -137,8 +137,13 @@ def rows(model_names, variants):
   return pairs
 
 
+# The train step's default classes and image channels: ImageNet's.
+NUM_CLASSES, _, _MEAN, _ = datasets.SPECS['imagenet2012']
+CHANNELS = len(_MEAN)
+
+
 def variant_config(model, variant, batch_size, image_size, width, stem='imagenet',
-                   num_classes=1000, channels=3):
+                   num_classes=NUM_CLASSES, channels=CHANNELS):
   """The trainer's config for one table row, on in-memory synthetic data."""
   base, *options = variant.split('+')
   spec = VARIANTS[base]
